@@ -1,0 +1,38 @@
+# The README's commands. `make run` and `make test` set everything up on a fresh clone.
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+EXTRAS  := dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
+comma   := ,
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install run test lint exp-full sample-data tiny-model
+
+install: $(STAMP)
+
+# pip (not uv/poetry): it picks the local CPU torch wheel here and the CUDA build on GPU machines.
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## the whole pipeline on the default (tiny CPU) profile
+	dvc repro
+
+test: $(STAMP)  ## every test, the slow end-to-end ones included
+	pytest
+
+lint: $(STAMP)
+	ruff check stages scripts tests
+
+exp-full: $(STAMP)  ## the recipe's full-scale profile (Llama-2-7B, QLoRA) as the DVC experiment llama2-7b
+	python -m stages.params --profile profiles/llama2-7b.yaml --run-exp llama2-7b
+
+sample-data: $(STAMP)  ## regenerate the bundled sample (seeded)
+	python scripts/make_sample_data.py
+
+tiny-model: $(STAMP)  ## regenerate the embedded tiny base model (seeded)
+	python scripts/make_tiny_model.py

@@ -1,0 +1,106 @@
+"""Model and tokenizer loading shared by the stages: one place that knows about dtypes,
+4-bit quantization, devices and the tokenizer's missing pad token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from stages.params import LoraParams, ModelParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:  # Llama-2 has none; the recipe pads with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
+    if model.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "model.quantization = '4bit' needs CUDA (bitsandbytes NF4 kernels), and this machine has no CUDA "
+            "device; set model.quantization: none to train unquantized on the CPU"
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def device_map() -> dict | None:
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+
+
+def load_base_model(model: ModelParams, *, quantized: bool = True, dtype: torch.dtype | None = None):
+    """The base model as configured; `quantized=False` always loads the 16/32-bit weights
+    (merging needs them: adapters are never merged into a 4-bit model)."""
+    return AutoModelForCausalLM.from_pretrained(
+        model.name_or_path,
+        dtype=dtype or DTYPES[model.dtype],
+        quantization_config=quantization_config(model) if quantized else None,
+        device_map=device_map(),
+    )
+
+
+def load_adapter_model(model: ModelParams, adapter_dir: str | Path, *, trainable: bool = False, **base_kwargs):
+    base = load_base_model(model, **base_kwargs)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def lora_config(lora: LoraParams) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def pair_token_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) exactly as TRL's DPOTrainer tokenizes a pair: the prompt
+    alone, then prompt + response + EOS, with the response starting where they diverge."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + response + tokenizer.eos_token)["input_ids"]
+    shared = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        shared += 1
+    return full_ids[:shared], full_ids[shared:]
+
+
+@torch.no_grad()
+def response_logps(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int) -> torch.Tensor:
+    """Sum of the log-probabilities of each response given its prompt (DPO's log pi(y|x))."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        pairs = [pair_token_ids(tokenizer, p, r) for p, r in zip(prompts[start : start + batch_size],
+                                                                 responses[start : start + batch_size])]
+        width = max(len(p) + len(r) for p, r in pairs)
+        ids = torch.full((len(pairs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, (p, r) in enumerate(pairs):
+            n = len(p) + len(r)
+            ids[i, :n] = torch.tensor(p + r)
+            mask[i, :n] = 1
+            labels[i, len(p) : n] = torch.tensor(r)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = labels[:, 1:].to(device)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * (targets != -100)).sum(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0)

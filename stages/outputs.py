@@ -1,0 +1,107 @@
+"""Crash-safe outputs: every stage writes to a temporary path and renames it into place,
+so a killed stage leaves the previous output or none, never a partial one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; on success it replaces `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class ShardWriter:
+    """Writes record batches to a folder of parquet shards of at most `shard_rows` rows."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int):
+        self.folder, self.schema, self.shard_rows = folder, schema, shard_rows
+        self.rows = 0
+        self._shard = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        table = table.cast(self.schema)
+        offset = 0
+        while offset < table.num_rows:
+            if self._writer is None:
+                path = self.folder / f"part-{self._shard:05d}.parquet"
+                self._writer = pq.ParquetWriter(path, self.schema)
+            take = min(self.shard_rows - self._in_shard, table.num_rows - offset)
+            self._writer.write_table(table.slice(offset, take))
+            offset += take
+            self._in_shard += take
+            self.rows += take
+            if self._in_shard == self.shard_rows:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._shard += 1
+            self._in_shard = 0
+
+    def close(self) -> None:
+        self._close_shard()
+        if self._shard == 0:  # keep the schema even when no row was written
+            pq.write_table(self.schema.empty_table(), self.folder / "part-00000.parquet")
+
+
+def load_splits(folder: str | Path):
+    """{"train", "eval"} datasets from `folder`/train and `folder`/eval parquet shards."""
+    from datasets import load_dataset
+
+    files = {split: [str(p) for p in parquet_files(Path(folder) / split)] for split in ("train", "eval")}
+    return load_dataset("parquet", data_files=files)
+
+
+def parquet_files(folder: str | Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no parquet files (did the previous stage run?)")
+    return files

@@ -1,0 +1,223 @@
+"""Typed schema of params.yaml, validated before any stage does work.
+
+Unknown keys are rejected and a bad value fails with its key, the value and what is
+allowed. `python -m stages.params --profile profiles/llama2-7b.yaml` prints the profile as
+`dvc exp run -S key=value` arguments, and `--run-exp NAME` runs that experiment
+(what `make exp-full` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitDirs(Section):
+    finetune: str = "data/finetune"
+    rl: str = "data/rl"
+    evaluation: str = "data/evaluation"
+
+
+class SplitCaps(Section):
+    finetune: int | None = Field(None, gt=0)
+    rl: int | None = Field(None, gt=0)
+    evaluation: int | None = Field(None, gt=0)
+
+
+class DataParams(Section):
+    source: str = Field(min_length=1)
+    splits: SplitDirs = SplitDirs()
+
+
+class ModelParams(Section):
+    name_or_path: str = Field(min_length=1)
+    quantization: Literal["none", "4bit"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class FetchParams(Section):
+    max_rows: SplitCaps = SplitCaps()
+    streaming: bool = True
+    shard_rows: int = Field(50_000, gt=0)
+
+
+class PrepareParams(Section):
+    max_prompt_length: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    sft_eval_fraction: float = Field(gt=0, lt=1)
+    batch_rows: int = Field(10_000, gt=0)
+
+
+class LoraParams(Section):
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class TrainingParams(Section):
+    """The transformers.TrainingArguments both trainers share."""
+
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(gt=0)
+    per_device_train_batch_size: int = Field(gt=0)
+    per_device_eval_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(gt=0)
+    eval_steps: int = Field(gt=0)
+    save_steps: int = Field(gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    seed: int = 0
+
+
+class SftParams(Section):
+    seq_length: int = Field(gt=0)
+    packing: bool = True
+    packing_strategy: Literal["wrapped", "bfd", "bfd_split"] = "wrapped"
+    lora: LoraParams
+    train: TrainingParams
+
+
+class DpoParams(Section):
+    beta: float = Field(gt=0)
+    train: TrainingParams
+
+
+class MergeParams(Section):
+    save_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    atol: float = Field(gt=0)
+    check_samples: int = Field(gt=0)
+
+
+class EvaluateParams(Section):
+    max_pairs: int | None = Field(None, gt=0)
+    batch_size: int = Field(gt=0)
+    generations: int = Field(ge=0)
+    max_new_tokens: int = Field(gt=0)
+
+
+class PushParams(Section):
+    enabled: bool = False
+    repo_id: str = ""
+    private: bool = True
+    revision: str = "main"
+    create_pr: bool = False
+    license: str = "other"
+
+
+class Params(Section):
+    data: DataParams
+    model: ModelParams
+    fetch: FetchParams
+    prepare: PrepareParams
+    sft: SftParams
+    dpo: DpoParams
+    merge: MergeParams
+    evaluate: EvaluateParams
+    push: PushParams
+
+
+class ParamsError(ValueError):
+    """params.yaml does not fit the schema; the message names every bad key."""
+
+
+def _describe(errors: list[dict[str, Any]], source: str) -> str:
+    lines = [f"{source}: invalid parameters:"]
+    for err in errors:
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (allowed keys are those in params.yaml's schema, stages/params.py)")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def validate(raw: Any, source: str = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_describe(exc.errors(), source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate(raw, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def profile_set_args(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> list[str]:
+    """`-S key=value` arguments that turn params.yaml into `profile` (validated first)."""
+    base = yaml.safe_load(params_file.read_text())
+    override = yaml.safe_load(profile.read_text()) or {}
+    validate(deep_merge(base, override), f"{params_file} + {profile}")
+    args = []
+    for key, value in flatten(override).items():
+        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Validate params.yaml, or print a profile as dvc -S arguments.")
+    parser.add_argument("--profile", type=Path, help="a profile YAML (overrides of params.yaml)")
+    parser.add_argument("--run-exp", metavar="NAME", help="run the profile as the DVC experiment NAME")
+    args = parser.parse_args()
+    try:
+        if args.profile:
+            set_args = profile_set_args(args.profile)
+            if args.run_exp:
+                os.execvp("dvc", ["dvc", "exp", "run", "--name", args.run_exp, *set_args])
+            print(" ".join(set_args))
+        else:
+            load_params()
+            print(f"{PARAMS_FILE}: valid")
+    except ParamsError as exc:
+        sys.exit(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""The contract paths of ../shared/DESIGN.md, named once; dvc.yaml lists the same ones."""
+
+from pathlib import Path
+
+RAW = Path("data/raw")                   # fetch: {finetune,rl,evaluation}/ parquet shards
+SFT_DATA = Path("data/processed/sft")    # prepare: {train,eval}/ with column `text`
+DPO_DATA = Path("data/processed/dpo")    # prepare: {train,eval}/ with prompt, chosen, rejected
+SFT_ADAPTER = Path("models/sft")
+DPO_ADAPTER = Path("models/dpo")
+MERGED = Path("models/merged")
+CHECKPOINTS = Path("checkpoints")        # {sft,dpo}/: DVC `persist` outputs, resumed from
+METRICS = Path("metrics")                # {prepare,sft,dpo,merge,evaluate}.json
+EVAL_REPORT = Path("reports/evaluate.md")
+PUSH_REPORT = Path("reports/push.json")

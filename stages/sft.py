@@ -1,0 +1,53 @@
+"""sft: supervised fine-tuning of a LoRA adapter (QLoRA with the 4-bit profile) on
+data/processed/sft with TRL's SFTTrainer and packing -> models/sft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from trl import SFTConfig, SFTTrainer
+
+from stages import training
+from stages.modeling import load_base_model, load_tokenizer, lora_config
+from stages.outputs import load_splits
+from stages.params import Params, load_params
+from stages.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
+
+
+def run(params: Params) -> dict:
+    inputs_hash = training.fingerprint([params.model, params.sft], [SFT_DATA, Path(params.model.name_or_path)])
+    checkpoint = training.resume_point(CHECKPOINTS / "sft", inputs_hash)
+    tokenizer = load_tokenizer(params.model.name_or_path)
+    model = load_base_model(params.model)
+    model.config.use_cache = False
+    data = load_splits(SFT_DATA)
+    config = SFTConfig(
+        dataset_text_field="text",
+        max_length=params.sft.seq_length,
+        packing=params.sft.packing,
+        packing_strategy=params.sft.packing_strategy,
+        **training.trainer_kwargs(params.sft.train, params.model, CHECKPOINTS / "sft"),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"],
+        processing_class=tokenizer,
+        peft_config=lora_config(params.sft.lora),
+        callbacks=[training.dvclive_callback("sft", resume=checkpoint is not None)],
+    )
+    metrics = training.train(trainer, checkpoint)
+    training.save_adapter(trainer.model, tokenizer, SFT_ADAPTER)
+    training.write_metrics(METRICS / "sft.json", metrics)
+    return metrics
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    run(load_params())
+
+
+if __name__ == "__main__":
+    main()

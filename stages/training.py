@@ -1,0 +1,129 @@
+"""What sft and dpo share: trainer arguments, dvclive logging, checkpoints that resume, and
+saving the adapter and the metrics.
+
+Checkpoints live in a DVC `persist` folder (DVC 3 has no checkpoint outputs), so a retried or
+re-run stage resumes from the latest complete checkpoint with the framework's own
+`resume_from_checkpoint`. A fingerprint of the stage's inputs (params, data, code) is kept
+beside them: when the inputs change, the old checkpoints belong to another run and are wiped,
+so a new dpo.beta never resumes a run made with the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from dvclive import Live
+from transformers.integrations import DVCLiveCallback
+
+from stages.outputs import atomic_dir, write_json_atomic
+from stages.params import ModelParams, TrainingParams
+
+FINGERPRINT = "inputs.sha256"
+CODE = Path(__file__).parent
+log = logging.getLogger("stages.training")
+
+
+def fingerprint(params: list, inputs: list[Path]) -> str:
+    """Hash of params (pydantic sections) and the bytes of every file under `inputs` and the stage code."""
+    digest = hashlib.sha256(json.dumps([p.model_dump() for p in params], sort_keys=True).encode())
+    for root in [*inputs, CODE]:
+        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            if path.suffix == ".pyc":
+                continue
+            digest.update(str(path).encode())
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written completely (trainer_state.json is saved last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def resume_point(folder: Path, inputs_hash: str) -> Path | None:
+    """The checkpoint to resume from, or None after wiping checkpoints made from other inputs."""
+    stamp = folder / FINGERPRINT
+    if stamp.exists() and stamp.read_text().strip() == inputs_hash:
+        checkpoint = latest_checkpoint(folder)
+        if checkpoint:
+            log.info("resuming from %s (global step %s)", checkpoint, checkpoint.name.split("-")[1])
+        return checkpoint
+    if folder.exists():
+        log.info("%s holds checkpoints of other inputs; starting from scratch", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stamp.write_text(inputs_hash + "\n")
+    return None
+
+
+def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) -> dict:
+    """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments)."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        weight_decay=train.weight_decay,
+        optim=train.optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        bf16=on_gpu and (model.dtype == "bfloat16" or model.quantization == "4bit"),
+        fp16=on_gpu and model.dtype == "float16",
+        report_to="none",  # dvclive is attached below with its folder set per stage
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def dvclive_callback(stage: str, resume: bool) -> DVCLiveCallback:
+    live = Live(dir=f"dvclive/{stage}", resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return DVCLiveCallback(live=live)
+
+
+def train(trainer, checkpoint: Path | None) -> dict:
+    """Train (resuming when a checkpoint is given) and return the summary metrics."""
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        evaluation = evals[-1]  # the trainer just evaluated the final weights
+    else:
+        trainer.remove_callback(DVCLiveCallback)  # this extra evaluation goes to the metrics file only
+        evaluation = trainer.evaluate()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else 0,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "train": {k: v for k, v in (train_logs[-1] if train_logs else {}).items() if k not in ("step", "epoch")},
+        "eval": {k.removeprefix("eval_"): v for k, v in evaluation.items() if k.startswith("eval_")},
+    }
+
+
+def save_adapter(model, tokenizer, out: Path) -> None:
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, selected_adapters=["default"])  # not TRL's frozen "ref" copy
+        tokenizer.save_pretrained(tmp)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    write_json_atomic(path, metrics)
+    log.info("%s: %s", path, metrics)
