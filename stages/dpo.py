@@ -9,15 +9,15 @@ is therefore the SFT adapter trained further by DPO: merging it applies both sta
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from trl import DPOConfig, DPOTrainer
 
 from stages import training
+from stages.cli import main
 from stages.modeling import load_adapter_model, load_tokenizer
 from stages.outputs import load_splits
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, SFT_ADAPTER
 
 
@@ -54,10 +54,5 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

@@ -15,9 +15,10 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM
 
+from stages.cli import main
 from stages.modeling import DTYPES, device_map, load_adapter_model, load_tokenizer, response_logps
 from stages.outputs import load_splits, write_json_atomic, write_text_atomic
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
 
 log = logging.getLogger("stages.evaluate")
@@ -86,10 +87,5 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

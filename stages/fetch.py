@@ -13,8 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import load_dataset
 
+from stages.cli import main
 from stages.outputs import ShardWriter, atomic_dir
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import RAW
 
 SPLITS = ("finetune", "rl", "evaluation")
@@ -55,10 +56,5 @@ def run(params: Params) -> dict[str, int]:
         return {split: fetch_split(params, split, tmp) for split in SPLITS}
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

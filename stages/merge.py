@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.card import model_card
+from stages.cli import main
 from stages.modeling import DTYPES, load_adapter_model, load_tokenizer
 from stages.outputs import atomic_dir, parquet_files, write_json_atomic
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import DPO_ADAPTER, DPO_DATA, MERGED, METRICS
 
 log = logging.getLogger("stages.merge")
@@ -63,10 +64,5 @@ def run(params: Params) -> float:
     return max_diff
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages.cli import main
 from stages.fetch import SCHEMA as RAW_SCHEMA
 from stages.modeling import load_tokenizer
 from stages.outputs import ShardWriter, atomic_dir, parquet_files, write_json_atomic
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import DPO_DATA, METRICS, RAW, SFT_DATA
 
 SFT_SCHEMA = pa.schema([("text", pa.string())])
@@ -175,10 +176,5 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

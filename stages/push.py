@@ -13,8 +13,9 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from stages.card import model_card
+from stages.cli import main
 from stages.outputs import write_json_atomic
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import MERGED, METRICS, PUSH_REPORT
 
 log = logging.getLogger("stages.push")
@@ -27,7 +28,8 @@ def push(params: Params) -> dict:
     try:
         user = api.whoami()["name"]
     except HfHubHTTPError as exc:
-        raise RuntimeError(f"Hub login failed ({exc.response.status_code}): set HF_TOKEN or run `hf auth login`") from None
+        status = exc.response.status_code
+        raise RuntimeError(f"Hub login failed ({status}): set HF_TOKEN or run `hf auth login`") from None
     repo = api.create_repo(params.push.repo_id, private=params.push.private, exist_ok=True)
     card = model_card(params, json.loads((METRICS / "evaluate.json").read_text()))
     operations = [
@@ -55,10 +57,5 @@ def run(params: Params) -> dict:
     return record
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

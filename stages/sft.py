@@ -3,15 +3,15 @@ data/processed/sft with TRL's SFTTrainer and packing -> models/sft."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
 from stages import training
+from stages.cli import main
 from stages.modeling import load_base_model, load_tokenizer, lora_config
 from stages.outputs import load_splits
-from stages.params import Params, load_params
+from stages.params import Params
 from stages.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 
@@ -44,10 +44,5 @@ def run(params: Params) -> dict:
     return metrics
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    run(load_params())
-
-
 if __name__ == "__main__":
-    main()
+    main(run)

@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
+from dvclive import Live
 from stages.outputs import atomic_dir, write_json_atomic
 from stages.params import ModelParams, TrainingParams
 

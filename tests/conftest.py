@@ -1,0 +1,68 @@
+"""Shared fixtures: throw-away workspaces (params.yaml + the bundled sample) and one tiny
+trained chain (fetch -> prepare -> sft -> dpo -> merge -> evaluate) that the stage tests read."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import deep_merge, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+# Small enough for seconds per stage, big enough that every stage does real work.
+FAST = {
+    "fetch": {"max_rows": {"finetune": 300, "rl": 160, "evaluation": 64}},
+    "sft": {"train": {"max_steps": 4, "save_steps": 2, "eval_steps": 4, "logging_steps": 1}},
+    "dpo": {"train": {"max_steps": 4, "save_steps": 2, "eval_steps": 4, "logging_steps": 1}},
+    "evaluate": {"generations": 1, "max_new_tokens": 8},
+}
+
+
+def make_workspace(root: Path, overrides: dict | None = None, fast: bool = True) -> Path:
+    """A folder laid out like the repo root for the stages: params.yaml and data/sample."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = deep_merge(DEFAULT_PARAMS, FAST) if fast else DEFAULT_PARAMS
+    params = deep_merge(params, overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "data").mkdir(exist_ok=True)
+    if not (root / "data" / "sample").exists():
+        (root / "data" / "sample").symlink_to(REPO / "data" / "sample")
+    return root
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield load_params()
+    finally:
+        os.chdir(old)
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for `python -m stages.X` subprocesses: this checkout's code on the path."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A workspace where every stage up to evaluate has run once on FAST params."""
+    from stages import dpo, evaluate, fetch, merge, prepare, sft
+
+    root = make_workspace(tmp_path_factory.mktemp("trained"))
+    with inside(root) as params:
+        for stage in (fetch, prepare, sft, dpo, merge, evaluate):
+            stage.run(params)
+    return root

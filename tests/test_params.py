@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.params import ParamsError, deep_merge, load_params, profile_set_args, validate
+from tests.conftest import DEFAULT_PARAMS, REPO, stage_env
+
+
+def test_default_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.quantization == "none"
+    assert params.push.enabled is False
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ParamsError, match=r"dpo\.betta: unknown key"):
+        validate(deep_merge(DEFAULT_PARAMS, {"dpo": {"betta": 0.1}}))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"dpo": {"beta": -1}}, r"dpo\.beta = -1: Input should be greater than 0"),
+        ({"model": {"quantization": "8bit"}}, r"model\.quantization = '8bit': Input should be 'none' or '4bit'"),
+        ({"sft": {"lora": {"r": 0}}}, r"sft\.lora\.r = 0: Input should be greater than 0"),
+        ({"dpo": {"train": {"learning_rate": 0}}}, r"dpo\.train\.learning_rate = 0: Input should be greater than 0"),
+        ({"sft": {"train": {"per_device_train_batch_size": 0}}}, r"per_device_train_batch_size = 0"),
+        ({"fetch": {"max_rows": {"rl": "many"}}}, r"fetch\.max_rows\.rl = 'many': Input should be a valid integer"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(override, expected):
+    with pytest.raises(ParamsError, match=expected):
+        validate(deep_merge(DEFAULT_PARAMS, override))
+
+
+def test_missing_key_is_named():
+    broken = deep_merge(DEFAULT_PARAMS, {})
+    del broken["dpo"]["beta"]
+    with pytest.raises(ParamsError, match=r"dpo\.beta: required key is missing"):
+        validate(broken)
+
+
+def test_stage_fails_on_bad_params_before_any_work(workspace):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["dpo"]["beta"] = 0
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.fetch"], cwd=workspace, env=stage_env(),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "dpo.beta = 0: Input should be greater than 0" in result.stderr
+    assert not (workspace / "data" / "raw").exists()
+
+
+def test_full_profile_is_valid_and_becomes_dvc_set_params():
+    args = profile_set_args(REPO / "profiles" / "llama2-7b.yaml", REPO / "params.yaml")
+    pairs = dict(arg.split("=", 1) for arg in args[1::2])
+    assert set(args[::2]) == {"-S"}
+    assert pairs["model.name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    assert pairs["model.quantization"] == "4bit"
+    assert pairs["sft.lora.target_modules"] == "[q_proj, v_proj]"
+    assert pairs["dpo.beta"] == "0.1" and pairs["dpo.train.max_steps"] == "1000"
+    assert pairs["prepare.max_length"] == "1024" and pairs["prepare.max_prompt_length"] == "512"
+
+
+def test_invalid_profile_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dpo: {beta: -0.5}\n")
+    with pytest.raises(ParamsError, match=r"dpo\.beta = -0.5"):
+        profile_set_args(bad, REPO / "params.yaml")

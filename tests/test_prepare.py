@@ -1,0 +1,111 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset
+
+from stages import fetch, prepare
+from stages.modeling import load_tokenizer, pair_token_ids
+from tests.conftest import inside, make_workspace
+
+NO_LIMITS = {"prepare": {"max_prompt_length": 10_000, "max_length": 10_000}}
+
+
+def return_prompt_and_responses(samples):
+    """The seed's mapping, verbatim (with the blog's lost backslashes restored)."""
+    return {
+        "prompt": ["Question: " + question + "\n\nAnswer: " for question in samples["question"]],
+        "chosen": samples["response_j"],
+        "rejected": samples["response_k"],
+    }
+
+
+def run_prepare(ws):
+    with inside(ws) as params:
+        fetch.run(params)
+        return params, prepare.run(params)
+
+
+def test_dpo_pairs_match_the_seed_mapping_exactly(tmp_path):
+    ws = make_workspace(tmp_path, NO_LIMITS)
+    run_prepare(ws)
+    for split, out in (("rl", "train"), ("evaluation", "eval")):
+        raw = Dataset(pq.read_table(ws / "data/raw" / split))
+        seed = raw.map(return_prompt_and_responses, batched=True, remove_columns=raw.column_names)
+        ours = pq.read_table(ws / "data/processed/dpo" / out)
+        assert ours.column_names == ["prompt", "chosen", "rejected"]
+        assert ours.to_pylist() == seed.to_list(), split
+
+
+def test_sft_text_is_prompt_plus_preferred_answer(tmp_path):
+    ws = make_workspace(tmp_path, NO_LIMITS)
+    _, metrics = run_prepare(ws)
+    raw = pq.read_table(ws / "data/raw/finetune").to_pylist()
+    expected = sorted("Question: " + r["question"] + "\n\nAnswer: " + r["response_j"] for r in raw)
+    train = pq.read_table(ws / "data/processed/sft/train").column("text").to_pylist()
+    evaluation = pq.read_table(ws / "data/processed/sft/eval").column("text").to_pylist()
+    assert sorted(train + evaluation) == expected
+    assert set(train).isdisjoint(evaluation)  # split by question, so no text is in both
+    assert metrics["sft"]["train"] == len(train) and metrics["sft"]["eval"] == len(evaluation) > 0
+
+
+def test_length_filters_count_tokens_like_the_trainer_and_count_drops(tmp_path):
+    ws = make_workspace(tmp_path, {"fetch": {"max_rows": {"rl": None}}})
+    params, metrics = run_prepare(ws)
+    tokenizer = load_tokenizer(params.model.name_or_path)
+    raw = pq.read_table(ws / "data/raw/rl").to_pylist()
+    expected = []
+    for row in raw:
+        prompt = "Question: " + row["question"] + "\n\nAnswer: "
+        p, c = pair_token_ids(tokenizer, prompt, row["response_j"])
+        _, r = pair_token_ids(tokenizer, prompt, row["response_k"])
+        prompt_tokens = len(tokenizer(prompt)["input_ids"])  # the prompt alone, as it is given at inference
+        if (prompt_tokens <= params.prepare.max_prompt_length and len(p) + len(c) <= params.prepare.max_length
+                and len(p) + len(r) <= params.prepare.max_length):
+            expected.append(prompt + row["response_j"])
+    kept = pq.read_table(ws / "data/processed/dpo/train")
+    assert [p + c for p, c in zip(kept.column("prompt").to_pylist(), kept.column("chosen").to_pylist())] == expected
+    counts = metrics["dpo/train"]
+    assert counts["input"] == len(raw) == counts["kept"] + sum(counts["dropped"].values())
+    assert counts["kept"] == len(expected) < len(raw)
+    assert counts["dropped"]["prompt_too_long"] > 0 and counts["dropped"]["chosen_too_long"] > 0
+
+
+def test_bad_rows_are_dropped_by_reason(tmp_path):
+    ws = make_workspace(tmp_path, NO_LIMITS)
+    with inside(ws) as params:
+        fetch.run(params)
+    rl = ws / "data/raw/rl/part-00000.parquet"
+    rows = pq.read_table(rl).to_pylist()
+    eval_qid = pq.read_table(ws / "data/raw/evaluation").column("qid")[0].as_py()
+    rows[0]["question"] = "   "
+    rows[1]["response_j"] = None
+    rows[2]["response_k"] = rows[2]["response_j"]
+    rows[3]["qid"] = eval_qid
+    pq.write_table(pa.Table.from_pylist(rows, schema=fetch.SCHEMA), rl)
+    with inside(ws) as params:
+        metrics = prepare.run(params)
+    dropped = metrics["dpo/train"]["dropped"]
+    assert (dropped["empty_question"], dropped["empty_response_j"], dropped["chosen_equals_rejected"],
+            dropped["qid_in_evaluation"]) == (1, 1, 1, 1)
+    assert metrics["dpo/train"]["kept"] == len(rows) - 4
+
+
+def test_missing_column_names_the_file(tmp_path):
+    ws = make_workspace(tmp_path)
+    with inside(ws) as params:
+        fetch.run(params)
+    shard = ws / "data/raw/rl/part-00000.parquet"
+    pq.write_table(pq.read_table(shard).drop_columns(["response_j"]), shard)
+    with inside(ws) as params, pytest.raises(ValueError, match=r"rl/part-00000.parquet: missing columns \['response_j'\]"):
+        prepare.run(params)
+    assert list((ws / "data/processed").iterdir()) == []
+
+
+def test_empty_result_fails_clearly_and_writes_nothing(tmp_path):
+    ws = make_workspace(tmp_path, {"prepare": {"max_prompt_length": 5}})
+    with inside(ws) as params:
+        fetch.run(params)
+        with pytest.raises(ValueError, match=r"no rows left for dpo/train .*'prompt_too_long': 160"):
+            prepare.run(params)
+    assert list((ws / "data/processed").iterdir()) == []
+    assert not (ws / "metrics/prepare.json").exists()

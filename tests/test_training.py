@@ -1,0 +1,120 @@
+"""sft and dpo: adapters, metrics, the reference model, and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from peft import PeftModel
+
+from stages import dpo, fetch, prepare
+from stages.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
+from tests.conftest import inside, make_workspace, stage_env
+
+
+def test_sft_and_dpo_write_adapters_and_metrics(trained):
+    for stage in ("sft", "dpo"):
+        adapter = trained / "models" / stage
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert not (adapter / "ref").exists()  # TRL's frozen copy is not saved as an output
+        metrics = json.loads((trained / "metrics" / f"{stage}.json").read_text())
+        assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 0
+        assert (trained / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json").is_file()
+    dpo_metrics = json.loads((trained / "metrics" / "dpo.json").read_text())
+    for split in ("train", "eval"):
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(dpo_metrics[split])
+    plots = trained / "dvclive" / "dpo" / "plots" / "metrics"
+    for name in ("rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "loss"):
+        assert len((plots / f"{name}.tsv").read_text().splitlines()) > 1, name
+    assert len((trained / "dvclive/sft/plots/metrics/loss.tsv").read_text().splitlines()) > 1
+
+
+def test_dpo_reference_is_the_sft_model_without_a_second_base(trained):
+    """The reference log-probs DPOTrainer uses are the SFT model's, before and after training,
+    while the policy moves; the base weights exist once (no ref_model)."""
+    with inside(trained) as params:
+        trainer = dpo.build_trainer(params, checkpoint=None)
+        trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
+        eval_rows = pq.read_table(trained / "data/processed/dpo/eval").slice(0, 4).to_pylist()
+        prompts = [r["prompt"] for r in eval_rows]
+        chosen = [r["chosen"] for r in eval_rows]
+        tokenizer = load_tokenizer("models/sft")
+        sft_model = load_adapter_model(params.model, "models/sft")
+        base_model = load_base_model(params.model)
+        expected = response_logps(sft_model, tokenizer, prompts, chosen, 4)
+        raw_base = response_logps(base_model, tokenizer, prompts, chosen, 4)
+
+        def reference_logps():
+            batch = next(iter(trainer.get_eval_dataloader()))
+            ref_chosen, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+            return ref_chosen[:4].float()
+
+        assert trainer.ref_model is None
+        assert torch.allclose(reference_logps(), expected, atol=1e-3)
+        assert not torch.allclose(expected, raw_base, atol=1e-2)  # SFT really moved away from the base
+        trainer.train()
+        assert torch.allclose(reference_logps(), expected, atol=1e-3)  # the reference stayed frozen
+        policy = response_logps(trainer.model, tokenizer, prompts, chosen, 4)
+        assert not torch.allclose(policy, expected, atol=1e-3)  # while the policy trained
+        base_in_trainer = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)
+        assert base_in_trainer == sum(p.numel() for p in base_model.parameters())  # one copy of the base
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
+    steps = {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "save_total_limit": 10}
+    ws = make_workspace(tmp_path, {"sft": {"train": steps}, "dpo": {"train": steps}})
+    with inside(ws) as params:
+        fetch.run(params)
+        prepare.run(params)
+    if stage == "dpo":
+        subprocess.run([sys.executable, "-m", "stages.sft"], cwd=ws, env=stage_env(), check=True,
+                       capture_output=True)
+    cmd = [sys.executable, "-m", f"stages.{stage}"]
+    proc = subprocess.Popen(cmd, cwd=ws, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_for(ws / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ws / "models" / stage).exists()  # killed: no output at all, not a partial one
+    done = sorted(int(p.name.split("-")[1]) for p in (ws / "checkpoints" / stage).glob("checkpoint-*")
+                  if (p / "trainer_state.json").exists())
+    assert 4 <= done[-1] < 12
+    rerun = subprocess.run(cmd, cwd=ws, env=stage_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming from checkpoints/{stage}/checkpoint-{done[-1]} (global step {done[-1]})" in rerun.stderr
+    metrics = json.loads((ws / "metrics" / f"{stage}.json").read_text())
+    assert metrics["resumed_from_step"] == done[-1] and metrics["global_step"] == 12
+    state = json.loads((ws / "checkpoints" / stage / "checkpoint-12" / "trainer_state.json").read_text())
+    logged_steps = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert logged_steps == sorted(set(logged_steps))  # finished steps were not redone
+
+
+def test_changed_inputs_do_not_resume_old_checkpoints(trained, tmp_path):
+    from stages import training
+
+    folder = tmp_path / "ckpt"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (folder / training.FINGERPRINT).write_text("old\n")
+    assert training.resume_point(folder, "new") is None
+    assert not (folder / "checkpoint-2").exists()
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-3").mkdir()  # killed while saving: no trainer_state.json
+    assert training.resume_point(folder, "new") == folder / "checkpoint-2"
