@@ -24,6 +24,7 @@ from stages.outputs import atomic_dir, write_json_atomic
 from stages.params import ModelParams, TrainingParams
 
 FINGERPRINT = "inputs.sha256"
+KEPT_METRICS = ("loss", "mean_token_accuracy", "rewards/", "logps/")  # the rest is in the dvclive plots
 CODE = Path(__file__).parent
 log = logging.getLogger("stages.training")
 
@@ -109,12 +110,17 @@ def train(trainer, checkpoint: Path | None) -> dict:
         trainer.remove_callback(DVCLiveCallback)  # this extra evaluation goes to the metrics file only
         evaluation = trainer.evaluate()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    def summary(entry: dict, prefix: str = "") -> dict:
+        return {key.removeprefix(prefix): value for key, value in entry.items()
+                if key.removeprefix(prefix).startswith(KEPT_METRICS)}
+
     return {
         "global_step": trainer.state.global_step,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else 0,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
-        "train": {k: v for k, v in (train_logs[-1] if train_logs else {}).items() if k not in ("step", "epoch")},
-        "eval": {k.removeprefix("eval_"): v for k, v in evaluation.items() if k.startswith("eval_")},
+        "train": summary(train_logs[-1] if train_logs else {}),
+        "eval": summary(evaluation, "eval_"),
     }
 
 

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stages import merge, push
+from stages.modeling import load_adapter_model, load_tokenizer
+from tests.conftest import inside
+
+
+def test_merged_model_is_16_bit_and_matches_the_adapter_model(trained):
+    merged_dir = trained / "models" / "merged"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (merged_dir / name).is_file(), name
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.dtype == torch.bfloat16
+    with inside(trained) as params:
+        tokenizer = load_tokenizer(merged_dir)
+        adapter_model = load_adapter_model(params.model, "models/dpo")
+        inputs = merge.sample_inputs(tokenizer, 4)
+        with torch.no_grad():
+            want = adapter_model(**inputs).logits
+            got = merged.float()(**inputs).logits
+        mask = inputs["attention_mask"].bool()
+        # bf16 rounding of the saved weights only: far below the logits' own spread
+        assert (got - want)[mask].abs().max() < 0.05 * want[mask].std()
+        check = json.loads((trained / "metrics" / "merge.json").read_text())
+        assert check["max_logit_diff"] <= params.merge.atol
+
+
+def test_merge_fails_beyond_tolerance_and_keeps_the_previous_output(trained, monkeypatch):
+    before = (trained / "models/merged/model.safetensors").read_bytes()
+    with inside(trained) as params:
+        strict = params.model_copy(update={"merge": params.merge.model_copy(update={"atol": 1e-12})})
+        real_merge = merge.merge
+        monkeypatch.setattr(merge, "merge", lambda p: (*real_merge(p)[:2], 1e-3))  # a merge that drifted
+        with pytest.raises(RuntimeError, match=r"merge check failed: .* 1.000e-03 > merge.atol = 1e-12"):
+            merge.run(strict)
+    assert (trained / "models/merged/model.safetensors").read_bytes() == before
+
+
+def test_evaluate_metrics_agree_with_the_dpo_trainer(trained):
+    metrics = json.loads((trained / "metrics/evaluate.json").read_text())
+    trainer_eval = json.loads((trained / "metrics/dpo.json").read_text())["eval"]
+    assert {"rewards/accuracies", "rewards/margins", "n_pairs"} <= set(metrics)
+    assert metrics["n_pairs"] == json.loads((trained / "metrics/prepare.json").read_text())["dpo/eval"]["kept"]
+    # Independent scoring of the merged model against the SFT reference reproduces TRL's eval
+    # (up to the bf16 rounding of the merged weights).
+    assert metrics["rewards/margins"] == pytest.approx(trainer_eval["rewards/margins"], rel=0.05, abs=2e-3)
+    assert abs(metrics["rewards/accuracies"] - trainer_eval["rewards/accuracies"]) <= 0.05
+    report = (trained / "reports/evaluate.md").read_text()
+    assert "rewards/accuracies" in report and "## Sample 1" in report and "final model (greedy)" in report
+
+
+def test_push_disabled_records_why(trained):
+    with inside(trained) as params:
+        record = push.run(params)
+    assert record["pushed"] is False and "push.enabled is false" in record["reason"]
+    assert json.loads((trained / "reports/push.json").read_text()) == record
+
+
+def test_push_enabled_without_repo_fails_clearly(trained):
+    with inside(trained) as params:
+        enabled = params.model_copy(update={"push": params.push.model_copy(update={"enabled": True})})
+        with pytest.raises(ValueError, match="push.repo_id is empty"):
+            push.run(enabled)
