@@ -27,16 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema(
-    [
-        ("qid", pa.int64()),
-        ("question", pa.string()),
-        ("date", pa.string()),
-        ("metadata", pa.list_(pa.string())),
-        ("response_j", pa.string()),
-        ("response_k", pa.string()),
-    ]
-)
+from stages.fetch import SCHEMA  # the Hub dataset's columns and types
 
 DEFAULT_ROWS = {"finetune": 1500, "rl": 1500, "evaluation": 300}
 ROWS_PER_SHARD = 1000

@@ -96,7 +96,8 @@ def test_missing_column_names_the_file(tmp_path):
         fetch.run(params)
     shard = ws / "data/raw/rl/part-00000.parquet"
     pq.write_table(pq.read_table(shard).drop_columns(["response_j"]), shard)
-    with inside(ws) as params, pytest.raises(ValueError, match=r"rl/part-00000.parquet: missing columns \['response_j'\]"):
+    expected = r"rl/part-00000.parquet: missing columns \['response_j'\]"
+    with inside(ws) as params, pytest.raises(ValueError, match=expected):
         prepare.run(params)
     assert list((ws / "data/processed").iterdir()) == []
 

@@ -10,7 +10,6 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import torch
-from peft import PeftModel
 
 from stages import dpo, fetch, prepare
 from stages.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
@@ -28,7 +27,8 @@ def test_sft_and_dpo_write_adapters_and_metrics(trained):
         assert (trained / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json").is_file()
     dpo_metrics = json.loads((trained / "metrics" / "dpo.json").read_text())
     for split in ("train", "eval"):
-        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(dpo_metrics[split])
+        rewards = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+        assert rewards <= set(dpo_metrics[split])
     plots = trained / "dvclive" / "dpo" / "plots" / "metrics"
     for name in ("rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "loss"):
         assert len((plots / f"{name}.tsv").read_text().splitlines()) > 1, name
