@@ -9,6 +9,7 @@ allowed. `python -m stages.params --profile profiles/llama2-7b.yaml` prints the 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -134,7 +135,11 @@ class Params(Section):
     push: PushParams
 
 
-class ParamsError(ValueError):
+class InvalidInput(ValueError):
+    """Bad params or data: rerunning cannot fix it, so orchestrators must not retry."""
+
+
+class ParamsError(InvalidInput):
     """params.yaml does not fit the schema; the message names every bad key."""
 
 
@@ -170,12 +175,13 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
+    """A new tree: `base` with `override` laid over it (neither is modified)."""
+    merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

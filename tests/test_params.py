@@ -35,6 +35,12 @@ def test_bad_value_names_key_value_and_what_is_allowed(override, expected):
         validate(deep_merge(DEFAULT_PARAMS, override))
 
 
+def test_deep_merge_leaves_its_inputs_alone():
+    merged = deep_merge(DEFAULT_PARAMS, {"dpo": {"beta": 0.5}})
+    del merged["sft"]["lora"]
+    assert DEFAULT_PARAMS["dpo"]["beta"] == 0.1 and "lora" in DEFAULT_PARAMS["sft"]
+
+
 def test_missing_key_is_named():
     broken = deep_merge(DEFAULT_PARAMS, {})
     del broken["dpo"]["beta"]
