@@ -1,4 +1,7 @@
-"""The entry point every stage shares: validate params.yaml first, then run the stage."""
+"""The entry point every stage shares: validate params.yaml first, then run the stage.
+
+Bad params or data end the stage with exit code 2 and a line starting with PERMANENT_FAILURE,
+which tells the Prefect flow not to retry it."""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import logging
 import sys
 from collections.abc import Callable
 
-from stages.params import Params, ParamsError, load_params
+from stages.params import InvalidInput, Params, load_params
+
+PERMANENT_FAILURE = "stack-dpo: invalid input, not retrying:"
 
 
 def main(run: Callable[[Params], object]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        params = load_params()
-    except ParamsError as exc:  # before any work: nothing is read or written
-        sys.exit(str(exc))
-    run(params)
+        run(load_params())  # params are validated before any work: nothing is read or written
+    except InvalidInput as exc:
+        print(f"{PERMANENT_FAILURE} {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -15,7 +15,7 @@ from datasets import load_dataset
 
 from stages.cli import main
 from stages.outputs import ShardWriter, atomic_dir
-from stages.params import Params
+from stages.params import InvalidInput, Params
 from stages.paths import RAW
 
 SPLITS = ("finetune", "rl", "evaluation")
@@ -40,7 +40,7 @@ def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     dataset = load_dataset(params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming)
     missing = [name for name in SCHEMA.names if name not in (dataset.column_names or SCHEMA.names)]
     if missing:
-        raise ValueError(f"{source}: missing columns {missing}; expected {SCHEMA.names}")
+        raise InvalidInput(f"{source}: missing columns {missing}; expected {SCHEMA.names}")
     if cap is not None:
         dataset = dataset.take(cap)
     writer = ShardWriter(out_dir / split, SCHEMA, params.fetch.shard_rows)

@@ -24,7 +24,7 @@ from stages.cli import main
 from stages.fetch import SCHEMA as RAW_SCHEMA
 from stages.modeling import load_tokenizer
 from stages.outputs import ShardWriter, atomic_dir, parquet_files, write_json_atomic
-from stages.params import Params
+from stages.params import InvalidInput, Params
 from stages.paths import DPO_DATA, METRICS, RAW, SFT_DATA
 
 SFT_SCHEMA = pa.schema([("text", pa.string())])
@@ -43,7 +43,7 @@ def raw_batches(split: str, batch_rows: int):
         file = pq.ParquetFile(path)
         missing = [c for c in REQUIRED if c not in file.schema_arrow.names]
         if missing:
-            raise ValueError(f"{path}: missing columns {missing}; expected the columns {RAW_SCHEMA.names}")
+            raise InvalidInput(f"{path}: missing columns {missing}; expected the columns {RAW_SCHEMA.names}")
         yield from file.iter_batches(batch_size=batch_rows, columns=REQUIRED)
 
 
@@ -153,7 +153,7 @@ def check_not_empty(metrics: dict) -> None:
     for name, counts in metrics.items():
         rows = counts.get("train", counts["kept"]) if name == "sft" else counts["kept"]
         if rows == 0 or (name == "sft" and counts["eval"] == 0):
-            raise ValueError(
+            raise InvalidInput(
                 f"prepare: no rows left for {name} (input {counts['input']} rows, dropped {counts['dropped']}); "
                 "check data.source, fetch.max_rows and the prepare length limits in params.yaml"
             )

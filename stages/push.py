@@ -15,7 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from stages.card import model_card
 from stages.cli import main
 from stages.outputs import write_json_atomic
-from stages.params import Params
+from stages.params import InvalidInput, Params
 from stages.paths import MERGED, METRICS, PUSH_REPORT
 
 log = logging.getLogger("stages.push")
@@ -23,7 +23,7 @@ log = logging.getLogger("stages.push")
 
 def push(params: Params) -> dict:
     if not params.push.repo_id:
-        raise ValueError("params.yaml: push.repo_id is empty; set it to 'owner/name' to push")
+        raise InvalidInput("params.yaml: push.repo_id is empty; set it to 'owner/name' to push")
     api = HfApi()
     try:
         user = api.whoami()["name"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,33 @@ def inside(folder: Path):
 def stage_env() -> dict[str, str]:
     """Environment for `python -m stages.X` subprocesses: this checkout's code on the path."""
     return {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def venv_on_path():
+    """dvc runs stage commands as `python -m ...`: make that this environment's python."""
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=stack-dpo-tests", "-c", "user.email=tests@localhost", *args],
+                   cwd=root, check=True, capture_output=True)
+
+
+def make_clone(root: Path) -> Path:
+    """This checkout's tracked and untracked-but-not-ignored files as a fresh git repo, as a
+    clean clone of main would have them (outputs and .venv stay behind)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "clone")
+    return root
 
 
 @pytest.fixture

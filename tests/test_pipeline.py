@@ -3,14 +3,13 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import git, make_clone
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +28,7 @@ def stages_run(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
-    """The checkout's tracked and untracked-but-not-ignored files, as a fresh git repo."""
-    root = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    sh(["git", "init", "-q"], root)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], root)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"], root)
-    return root
+    return make_clone(tmp_path_factory.mktemp("clone"))
 
 
 def test_dvc_repro_runs_the_whole_pipeline_and_learns_the_preference(clone):
@@ -62,8 +50,8 @@ def test_second_repro_runs_nothing(clone):
 
 
 def test_changing_beta_reruns_dpo_and_what_follows_only(clone):
-    sh(["git", "add", "-A"], clone)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline run"], clone)
+    git(clone, "add", "-A")
+    git(clone, "commit", "-qm", "baseline run")
     out = sh(["dvc", "exp", "run", "--name", "beta-0.3", "-S", "dpo.beta=0.3"], clone)
     assert stages_run(out) == ["dpo", "merge", "evaluate", "push"]
     assert json.loads((clone / "metrics/dpo.json").read_text())["beta"] == 0.3
