@@ -100,8 +100,8 @@ def run_dvc(args: list[str], workdir: Path, log_line) -> tuple[int, list[str]]:
     """Run `dvc ARGS` in its own process group, passing each output line to `log_line`.
     Whatever interrupts the wait (cancellation, timeout, SIGTERM) kills the group first."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "--wait-for-lock", *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
+        [sys.executable, "-m", "dvc", "--wait-for-lock", *args], cwd=workdir, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )
     lines: list[str] = []
     try:
@@ -204,6 +204,7 @@ def run_summary(workdir: Path, overrides: dict, experiment: str | None) -> str:
 @flow(name="stack-dpo", log_prints=True)
 def pipeline(
     overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
     stages: list[str] | None = None,
     experiment: str | None = None,
     workdir: str = ".",
@@ -213,11 +214,12 @@ def pipeline(
     stage_timeout_s: float | None = None,
     gpu_slots: int = 1,
 ) -> dict:
-    """Run the DVC stages (all, or `stages`) with param `overrides` (nested, like params.yaml),
-    and record the run as the DVC experiment `experiment` (a generated name when None)."""
+    """Run the DVC stages (all, or `stages`) with params.yaml changed by a `profile` file
+    (e.g. profiles/llama2-7b.yaml) and then by `overrides` (nested, like params.yaml), and
+    record the run as the DVC experiment `experiment` (a generated name when None)."""
     logger = get_run_logger()
     root = Path(workdir).resolve()
-    overrides = overrides or {}
+    overrides = deep_merge(yaml.safe_load((root / profile).read_text()) if profile else {}, overrides or {})
     original_params = apply_overrides(root, overrides)  # invalid params fail here, before any stage
     try:
         order = pipeline_stages(root)
@@ -236,8 +238,9 @@ def pipeline(
             if stages is None or name in stages:
                 stage_task(name, str(root), uses_gpu)
         logger.info("stages finished in %.1f s", time.monotonic() - started)
-        saved = run_dvc(["exp", "save", "--force", *(["--name", experiment] if experiment else [])], root,
-                        logger.info)
+        # a partial run records the stages it ran (the others' outputs may be missing)
+        saved = run_dvc(["exp", "save", "--force", *(["--name", experiment] if experiment else []),
+                         *[name for name, _ in order if stages is not None and name in stages]], root, logger.info)
         if saved[0] != 0:
             raise RuntimeError(f"dvc exp save failed: {saved[1][-3:]}")
         remotes = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,

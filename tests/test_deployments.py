@@ -1,0 +1,188 @@
+"""Integration with real parts: `prefect server start` on 127.0.0.1 (SQLite in a temporary
+PREFECT_HOME), a process worker, `prefect deploy` of prefect.yaml, deployment runs."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from uuid import UUID
+
+import psutil
+import pytest
+import requests
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import make_clone
+
+pytestmark = pytest.mark.slow
+QUICK = {"sft": {"train": {"max_steps": 4}}, "dpo": {"train": {"max_steps": 4}},
+         "evaluate": {"max_pairs": 64, "generations": 1}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A real Prefect server and a process worker serving the deployments of a fresh clone."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    repo = make_clone(tmp / "repo")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "STACK_DPO_REPO": repo.as_uri(), "STACK_DPO_IMAGE": "stack-dpo:test",
+           "PWD": str(repo)}
+    bin_dir = Path(sys.executable).parent
+    server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   env, tmp / "server.log")
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, (tmp / "server.log").read_text()
+            time.sleep(0.5)
+
+        def cli(*args: str) -> str:
+            done = subprocess.run([str(bin_dir / "prefect"), "--no-prompt", *args], env=env, cwd=repo,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout
+
+        cli("work-pool", "create", "cpu-pool", "--type", "process")
+        cli("work-pool", "create", "gpu-k8s", "--type", "kubernetes",
+            "--base-job-template", "deploy/k8s-gpu-job-template.json")
+        cli("deploy", "--all")
+        worker = start([str(bin_dir / "prefect"), "worker", "start", "--pool", "cpu-pool", "--limit", "1"],
+                       env, tmp / "worker.log", cwd=repo)
+        # this test process's own client talks to the same server
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            yield {"repo": repo, "cli": cli, "tmp": tmp}
+    finally:
+        for proc in (worker, server):
+            if proc:
+                stop(proc)
+
+
+def run_deployment(prefect, params: dict) -> UUID:
+    out = prefect["cli"]("deployment", "run", "stack-dpo/tiny-cpu", "--params", json.dumps(params))
+    return UUID(next(line.split()[-1] for line in out.splitlines() if "UUID" in line))
+
+
+def wait_for(run_id: UUID, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run stuck in {run.state}"
+            time.sleep(1)
+
+
+def run_logs(run_id: UUID) -> list[str]:
+    messages, offset = [], 0
+    with get_client(sync_client=True) as client:
+        while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
+                                       offset=offset):
+            messages += [log.message for log in page]
+            offset += len(page)
+    return messages
+
+
+def stage_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and any(arg.startswith("stages.") for arg in p.info["cmdline"])]
+
+
+def test_deployment_run_completes_with_outputs_and_experiment(prefect):
+    repo = prefect["repo"]
+    run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
+    assert run.state.is_completed(), run.state
+    assert (repo / "models/merged/model.safetensors").is_file()
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["n_pairs"] == 64
+    logs = "\n".join(run_logs(run.id))
+    for stage in ("fetch", "prepare", "sft", "dpo", "merge", "evaluate", "push"):
+        assert f"Running stage '{stage}'" in logs  # each stage's own output, streamed into the run log
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    names = {rev["name"] for entry in json.loads(shown) for exp in entry.get("experiments") or []
+             for rev in exp["revs"]}
+    assert "deployed-quick" in names
+
+
+def test_unchanged_inputs_find_every_stage_up_to_date(prefect):
+    started = time.monotonic()
+    run = wait_for(run_deployment(prefect, {"overrides": QUICK}))
+    assert run.state.is_completed(), run.state
+    logs = "\n".join(run_logs(run.id))
+    assert "Running stage" not in logs
+    assert logs.count("didn't change, skipping") == 7
+    assert time.monotonic() - started < 120
+
+
+def test_cancelled_run_leaves_no_stage_process_and_no_dvc_lock(prefect):
+    repo = prefect["repo"]
+    params_before = (repo / "params.yaml").read_text()
+    run_id = run_deployment(prefect, {"overrides": {**QUICK, "sft": {"train": {"max_steps": 500}}}})
+    deadline = time.monotonic() + 300
+    while not any("stages.sft" in p.info["cmdline"] for p in stage_processes()):
+        assert time.monotonic() < deadline, "sft never started"
+        time.sleep(0.5)
+    prefect["cli"]("flow-run", "cancel", str(run_id))
+    run = wait_for(run_id, timeout=120)
+    assert run.state.is_cancelled(), run.state
+    time.sleep(1)
+    assert stage_processes() == []
+    rwlock = json.loads((repo / ".dvc/tmp/rwlock").read_text())
+    assert rwlock == {"write": {}, "read": {}}
+    assert (repo / "params.yaml").read_text() == params_before
+    # the next run starts cleanly
+    run = wait_for(run_deployment(prefect, {"stages": ["fetch", "prepare"], "overrides": QUICK}))
+    assert run.state.is_completed(), run.state
+
+
+def test_gpu_deployment_targets_kubernetes_gpus_with_an_inactive_weekly_schedule(prefect):
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("stack-dpo/llama2-7b")
+        pool = client.read_work_pool("gpu-k8s")
+    assert deployment.work_pool_name == "gpu-k8s"
+    assert deployment.parameters["profile"] == "profiles/llama2-7b.yaml"
+    assert deployment.job_variables["gpu_count"] == 1
+    assert deployment.job_variables["node_selector"] == {"nvidia.com/gpu.present": "true"}
+    [schedule] = deployment.schedules
+    assert schedule.schedule.cron == "0 3 * * 1" and schedule.active is False
+    container = pool.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert container["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "{{ gpu_count }}"}
+    steps = [next(iter(step)) for step in deployment.pull_steps]
+    assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.run_shell_script",
+                     "prefect.deployments.steps.set_working_directory"]
