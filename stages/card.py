@@ -1,7 +1,18 @@
-"""The model card of models/merged, through huggingface_hub's ModelCard / ModelCardData."""
+"""The model card of models/merged, through huggingface_hub's ModelCard / ModelCardData, and
+the lineage it carries: params, dvc.lock hashes, git commit, training-curve plots.
+
+Everything in it is a function of the run (no dates, no machine names), so pushing the same
+model twice produces the same card and no second commit.
+"""
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from stages.params import Params
@@ -19,6 +30,15 @@ model as the reference, and both adapters merged into the 16-bit base.
 
 {{ body }}
 """
+# (title, file name, dvclive series) of the training curves shown in the card
+PLOTS = [
+    ("SFT loss", "sft_loss.png", [("train", "sft", "loss"), ("eval", "sft", "eval/loss")]),
+    ("DPO loss", "dpo_loss.png", [("train", "dpo", "loss"), ("eval", "dpo", "eval/loss")]),
+    ("DPO reward accuracy", "dpo_rewards_accuracies.png",
+     [("train", "dpo", "rewards/accuracies"), ("eval", "dpo", "eval/rewards/accuracies")]),
+    ("DPO reward margin", "dpo_rewards_margins.png",
+     [("train", "dpo", "rewards/margins"), ("eval", "dpo", "eval/rewards/margins")]),
+]
 
 
 def model_card(params: Params, metrics: dict | None = None, body: str = "") -> ModelCard:
@@ -45,3 +65,71 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "") -> M
         data, template_str=TEMPLATE, model_name=name, base_model_name=params.model.name_or_path,
         dataset=DATASET, beta=params.dpo.beta, body=body,
     )
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "stages", "flows",
+                                "dvc.yaml", "params.yaml"], capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def lock_hashes(lock_file: Path = Path("dvc.lock")) -> list[tuple[str, str, str]]:
+    """(stage, path, md5) of every data and model output recorded in dvc.lock."""
+    if not lock_file.exists():
+        return []
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    rows = []
+    for stage, info in (lock.get("stages") or {}).items():
+        for out in info.get("outs", []):
+            if out.get("md5") and out["path"].startswith(("data/", "models/")):
+                rows.append((stage, out["path"], out["md5"]))
+    return rows
+
+
+def render_plots(out_dir: Path, dvclive_dir: Path = Path("dvclive")) -> list[tuple[str, str]]:
+    """PNG training curves from the dvclive logs; returns (title, file name) of those drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for title, name, series in PLOTS:
+        fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+        any_series = False
+        for label, stage, metric in series:
+            path = dvclive_dir / stage / "plots" / "metrics" / f"{metric}.tsv"
+            if not path.exists():
+                continue
+            with path.open() as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t"))
+            column = metric.rsplit("/", 1)[-1]
+            ax.plot([int(r["step"]) for r in rows], [float(r[column]) for r in rows], label=label, marker=".")
+            any_series = True
+        if any_series:
+            ax.set(title=title, xlabel="logging step")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out_dir / name, metadata={"Software": None})  # no version stamp: same run, same bytes
+            drawn.append((title, name))
+        plt.close(fig)
+    return drawn
+
+
+def lineage_body(params: Params, plots: list[tuple[str, str]], plot_dir: str = "plots") -> str:
+    experiment = os.environ.get("DVC_EXP_NAME")
+    lines = ["## Lineage", "", f"- git commit: `{git_commit()}`"]
+    if experiment:
+        lines.append(f"- DVC experiment: `{experiment}`")
+    lines += ["", "### Data and model hashes (dvc.lock)", "", "| stage | path | md5 |", "| --- | --- | --- |"]
+    lines += [f"| {stage} | `{path}` | `{md5}` |" for stage, path, md5 in lock_hashes()]
+    lines += ["", "### Training curves", ""]
+    lines += [f"![{title}]({plot_dir}/{name})" for title, name in plots] or ["(no dvclive logs found)"]
+    lines += ["", "### Parameters (params.yaml)", "", "```yaml",
+              yaml.safe_dump(params.model_dump(), sort_keys=False).strip(), "```"]
+    return "\n".join(lines)

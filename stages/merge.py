@@ -57,7 +57,7 @@ def run(params: Params) -> float:
     merged = merged.to(DTYPES[params.merge.save_dtype])
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_dir(MERGED) as tmp:
-        merged.save_pretrained(tmp)  # safetensors
+        merged.save_pretrained(tmp, max_shard_size=params.merge.max_shard_size)  # safetensors
         tokenizer.save_pretrained(tmp)
         model_card(params).save(tmp / "README.md")
     write_json_atomic(METRICS / "merge.json", {"max_logit_diff": max_diff, "check_samples": params.merge.check_samples})

@@ -103,6 +103,7 @@ class DpoParams(Section):
 
 class MergeParams(Section):
     save_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    max_shard_size: str = Field("5GB", pattern=r"^\d+(KB|MB|GB)$")
     atol: float = Field(gt=0)
     check_samples: int = Field(gt=0)
 

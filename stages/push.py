@@ -1,18 +1,27 @@
-"""push: models/merged -> the Hub repo push.repo_id, with its model card; reports/push.json.
+"""push: models/merged -> the Hub repo push.repo_id, with a model card that carries the
+evaluation metrics and the run's lineage; reports/push.json records the repo, revision and
+commit (or why it skipped).
 
-Disabled in the default profile, and then the report says it skipped and why. The token comes
-from HF_TOKEN or the Hub login (huggingface_hub finds either) and is never written anywhere.
+Disabled in the default profile. The token comes from HF_TOKEN or the Hub login
+(huggingface_hub finds either) and is never written anywhere. Everything that can be checked
+before uploading is: the endpoint answers, the token is accepted, the namespace is writable.
+Files that did not change are not uploaded again, and a push that changes nothing makes no
+commit (huggingface_hub compares each file's oid with the Hub's).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import HfHubHTTPError
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from stages.card import model_card
+from stages.card import lineage_body, model_card, render_plots
 from stages.cli import main
 from stages.outputs import write_json_atomic
 from stages.params import InvalidInput, Params
@@ -21,30 +30,61 @@ from stages.paths import MERGED, METRICS, PUSH_REPORT
 log = logging.getLogger("stages.push")
 
 
-def push(params: Params) -> dict:
-    if not params.push.repo_id:
-        raise InvalidInput("params.yaml: push.repo_id is empty; set it to 'owner/name' to push")
-    api = HfApi()
+class PushError(InvalidInput):
+    """The Hub refuses this push (credentials, ownership): retrying cannot help."""
+
+
+def check_access(api: HfApi, repo_id: str) -> str:
+    """The user name the token belongs to, after checking it may write to repo_id's namespace."""
     try:
-        user = api.whoami()["name"]
+        me = api.whoami()
+    except LocalTokenNotFoundError:
+        raise PushError("no Hub token: set HF_TOKEN or run `hf auth login`") from None
     except HfHubHTTPError as exc:
-        status = exc.response.status_code
-        raise RuntimeError(f"Hub login failed ({status}): set HF_TOKEN or run `hf auth login`") from None
-    repo = api.create_repo(params.push.repo_id, private=params.push.private, exist_ok=True)
-    card = model_card(params, json.loads((METRICS / "evaluate.json").read_text()))
-    operations = [
-        CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-        for path in sorted(MERGED.iterdir())
-        if path.is_file() and path.name != "README.md"
-    ]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
-    commit = api.create_commit(
-        repo.repo_id, operations, commit_message="stack-dpo: push models/merged",
-        revision=params.push.revision, create_pr=params.push.create_pr,
-    )
-    log.info("pushed as %s to %s@%s: %s", user, repo.repo_id, params.push.revision, commit.commit_url)
-    return {"pushed": True, "repo_id": repo.repo_id, "revision": params.push.revision, "commit": commit.oid,
-            "pr_url": commit.pr_url}
+        if exc.response is not None and exc.response.status_code == 401:
+            raise PushError(f"the Hub at {api.endpoint} rejected the token (401): set a valid HF_TOKEN") from None
+        raise RuntimeError(f"the Hub at {api.endpoint} answered {exc.response.status_code} to whoami") from None
+    except httpx2.HTTPError as exc:  # a transient failure: not InvalidInput, so it is retried
+        raise RuntimeError(f"the Hub at {api.endpoint} is unreachable ({type(exc).__name__}); "
+                        "check HF_ENDPOINT and the network") from None
+    writable = {me["name"], *(org["name"] for org in me.get("orgs", []))}
+    namespace = repo_id.split("/")[0]
+    if namespace not in writable:
+        raise PushError(f"push.repo_id {repo_id!r} belongs to {namespace!r}, and the token's user {me['name']!r} "
+                        f"can write only to {sorted(writable)}")
+    return me["name"]
+
+
+def commit_message() -> str:
+    return f"stack-dpo: {os.environ.get('DVC_EXP_NAME') or 'workspace run'} (models/merged)"
+
+
+def push(params: Params) -> dict:
+    settings = params.push
+    if not settings.repo_id or "/" not in settings.repo_id:
+        raise InvalidInput(f"params.yaml: push.repo_id = {settings.repo_id!r}; expected 'owner/name' to push")
+    api = HfApi()
+    user = check_access(api, settings.repo_id)
+    repo = api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
+    if settings.revision != constants.DEFAULT_REVISION and not settings.create_pr:
+        api.create_branch(repo.repo_id, branch=settings.revision, exist_ok=True)
+    metrics = json.loads((METRICS / "evaluate.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = render_plots(Path(tmp))
+        card = model_card(params, metrics, body=lineage_body(params, plots))
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+                      for p in sorted(MERGED.iterdir()) if p.is_file() and p.name != "README.md"]
+        operations += [CommitOperationAdd(path_in_repo=f"plots/{name}", path_or_fileobj=str(Path(tmp) / name))
+                       for _, name in plots]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+        head_before = api.repo_info(repo.repo_id, revision=settings.revision).sha
+        commit = api.create_commit(repo.repo_id, operations, commit_message=commit_message(),
+                                   revision=settings.revision, create_pr=settings.create_pr)
+    new_commit = commit.oid != head_before
+    log.info("%s %s@%s as %s: %s", "pushed" if new_commit else "unchanged, no new commit on", repo.repo_id,
+             settings.revision, user, commit.oid)
+    return {"pushed": True, "repo_id": repo.repo_id, "revision": settings.revision, "commit": commit.oid,
+            "new_commit": new_commit, "pr_url": commit.pr_url}
 
 
 def run(params: Params) -> dict:
