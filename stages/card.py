@@ -41,8 +41,9 @@ PLOTS = [
 ]
 
 
-def model_card(params: Params, metrics: dict | None = None, body: str = "") -> ModelCard:
-    """The card; with `metrics` (metrics/evaluate.json) it carries a model-index."""
+def model_card(params: Params, metrics: dict | None = None, body: str = "", for_hub: bool = False) -> ModelCard:
+    """The card; with `metrics` (metrics/evaluate.json) it carries a model-index. The push
+    settings (repo name, license) go in only `for_hub`, so merge does not depend on them."""
     eval_results = None
     if metrics:
         eval_results = [
@@ -50,12 +51,12 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "") -> M
                        dataset_split="evaluation", metric_type=key, metric_name=key, metric_value=metrics[key])
             for key in ("rewards/accuracies", "rewards/margins")
         ]
-    name = params.push.repo_id or "stack-dpo merged model"
+    name = params.push.repo_id if for_hub else "stack-dpo merged model"
     data = ModelCardData(
         base_model=params.model.name_or_path,
         datasets=[DATASET],
         tags=["trl", "sft", "dpo", "lora"],
-        license=params.push.license,
+        license=params.push.license if for_hub else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         model_name=name,

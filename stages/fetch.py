@@ -7,6 +7,8 @@ caps need is read, whether the source has thousands or tens of millions of rows.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 from pathlib import Path
 
@@ -44,9 +46,14 @@ def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     if cap is not None:
         dataset = dataset.take(cap)
     writer = ShardWriter(out_dir / split, SCHEMA, params.fetch.shard_rows)
-    for batch in dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
-        writer.write(batch.select(SCHEMA.names))
+    # Close the stream here, not at interpreter exit: a reader left suspended by the row cap
+    # was once torn down during shutdown and aborted the process after the data was written.
+    with contextlib.closing(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)) as batches:
+        for batch in batches:
+            writer.write(batch.select(SCHEMA.names))
     writer.close()
+    del dataset
+    gc.collect()
     log.info("%s: %d rows", source, writer.rows)
     return writer.rows
 

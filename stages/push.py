@@ -71,7 +71,7 @@ def push(params: Params) -> dict:
     metrics = json.loads((METRICS / "evaluate.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         plots = render_plots(Path(tmp))
-        card = model_card(params, metrics, body=lineage_body(params, plots))
+        card = model_card(params, metrics, body=lineage_body(params, plots), for_hub=True)
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                       for p in sorted(MERGED.iterdir()) if p.is_file() and p.name != "README.md"]
         operations += [CommitOperationAdd(path_in_repo=f"plots/{name}", path_or_fileobj=str(Path(tmp) / name))

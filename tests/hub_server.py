@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # like the Hub: big or binary files go to LFS
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -201,7 +202,7 @@ class FakeHub:
                 if repo_id in hub.repos:
                     raise HubError(409, None, "You already created this model repo", url=f"{hub.url}/{repo_id}")
                 initial = hub._new_commit(None, "initial commit",
-                                          {".gitattributes": Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")})
+                                          {".gitattributes": Blob(GITATTRIBUTES)})
                 private = body.get("visibility") == "private" or body.get("private") is True  # 2.x sends visibility
                 hub.repos[repo_id] = Repo(repo_id, private, {"main": initial.oid})
                 return h._json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
@@ -292,7 +293,8 @@ class FakeHub:
                                 "sha": commit.oid, "private": repo.private, "disabled": False, "gated": False,
                                 "lastModified": commit.date, "tags": [], "downloads": 0, "likes": 0,
                                 "siblings": [{"rfilename": p} for p in sorted(commit.files)]})
-            if method == "GET" and (m := re.fullmatch(rf"/api/models/{repo_path}/tree/(?P<rev>[^/]+)(?P<sub>/.*)?", path)):
+            tree = rf"/api/models/{repo_path}/tree/(?P<rev>[^/]+)(?P<sub>/.*)?"
+            if method == "GET" and (m := re.fullmatch(tree, path)):
                 repo = hub._repo(m["repo"], h._user())
                 commit = hub._resolve(repo, m["rev"])
                 prefix = (m["sub"] or "").strip("/")
@@ -311,7 +313,8 @@ class FakeHub:
                 repo = hub._repo(m["repo"], h._user())
                 branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c}
                             for n, c in repo.refs.items() if not n.startswith("refs/pr/")]
-                prs = [{"name": n, "ref": n, "targetCommit": c} for n, c in repo.refs.items() if n.startswith("refs/pr/")]
+                prs = [{"name": n, "ref": n, "targetCommit": c}
+                       for n, c in repo.refs.items() if n.startswith("refs/pr/")]
                 body = {"branches": branches, "tags": [], "converts": []}
                 if query.get("include_prs") == "1":
                     body["pullRequests"] = prs
@@ -324,7 +327,8 @@ class FakeHub:
                     raise HubError(409, None, f"Reference already exists: refs/heads/{m['branch']}")
                 repo.refs[m["branch"]] = hub._resolve(repo, body.get("startingPoint") or "main").oid
                 return h._json({})
-            if method in ("GET", "HEAD") and (m := re.fullmatch(rf"/{repo_path}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)):
+            resolve = rf"/{repo_path}/resolve/(?P<rev>[^/]+)/(?P<file>.+)"
+            if method in ("GET", "HEAD") and (m := re.fullmatch(resolve, path)):
                 repo = hub._repo(m["repo"], h._user())
                 commit = hub._resolve(repo, m["rev"])
                 blob = commit.files.get(m["file"])

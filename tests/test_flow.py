@@ -91,7 +91,7 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     assert killed, "the sft stage was never killed"
     assert state.is_completed(), state
     counts = task_run_counts(state)
-    assert counts["sft"] == 2 and all(n == 1 for name, n in counts.items() if name != "sft")
+    assert counts["sft"] == 2 and all(n == 1 for name, n in counts.items() if name != "sft"), counts
     sft = json.loads((repo / "metrics/sft.json").read_text())
     assert sft["resumed_from_step"] >= 4 and sft["global_step"] == 12
     state_file = json.loads((repo / "checkpoints/sft/checkpoint-12/trainer_state.json").read_text())

@@ -63,5 +63,5 @@ def test_push_disabled_records_why(trained):
 def test_push_enabled_without_repo_fails_clearly(trained):
     with inside(trained) as params:
         enabled = params.model_copy(update={"push": params.push.model_copy(update={"enabled": True})})
-        with pytest.raises(ValueError, match="push.repo_id is empty"):
+        with pytest.raises(ValueError, match=r"push.repo_id = ''; expected 'owner/name'"):
             push.run(enabled)

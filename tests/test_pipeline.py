@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,45 @@ def test_changing_beta_reruns_dpo_and_what_follows_only(clone):
     assert metrics["rewards/accuracies"] >= 0.5 and metrics["n_pairs"] >= 200
     plots = sh(["dvc", "plots", "show", "--json"], clone)
     assert "DPO reward accuracy" in plots
+
+
+def test_push_experiment_publishes_with_lineage_and_leaks_no_token(clone, tmp_path):
+    """`dvc exp run` with push on: only push reruns, the card names the experiment, the
+    git commit and dvc.lock's hashes, and the token is nowhere in the workspace."""
+    from huggingface_hub import ModelCard, snapshot_download
+
+    from tests.hub_server import FakeHub
+
+    token = "hf_" + secrets.token_hex(16)  # made here, so no file of the clone can hold it by accident
+    hub = FakeHub(tokens={token: "alice"}).start()
+    try:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
+               "HF_HOME": str(tmp_path / "hf-home")}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            out = sh(["dvc", "exp", "run", "--name", "published", "-S", "push.enabled=true",
+                      "-S", "push.repo_id=alice/stack-dpo-e2e"], clone)
+        finally:
+            for key, value in old.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        assert stages_run(out) == ["push"]
+        record = json.loads((clone / "reports/push.json").read_text())
+        assert record["pushed"] and record["repo_id"] == "alice/stack-dpo-e2e"
+        local = snapshot_download("alice/stack-dpo-e2e", endpoint=hub.url, token=token,
+                                  cache_dir=tmp_path / "cache")
+        card = ModelCard.load(os.path.join(local, "README.md")).text
+        lock = (clone / "dvc.lock").read_text()
+        merged_md5 = next(line.split()[-1] for line in lock.split("path: models/merged")[1].splitlines()
+                          if "md5:" in line)
+        assert "DVC experiment: `published`" in card and merged_md5 in card
+        assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True,
+                              text=True).stdout.strip() in card
+        commit = hub.commits[record["commit"]]
+        assert commit.title == "stack-dpo: published (models/merged)"
+        assert token not in out
+        for path in clone.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert token.encode() not in path.read_bytes(), path
+    finally:
+        hub.stop()

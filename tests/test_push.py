@@ -71,7 +71,8 @@ def test_round_trip_gives_the_same_model(pushable, hub, tmp_path):
     local = snapshot_download("alice/tiny-dpo", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache")
     files = sorted(os.listdir(local))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) >= 2
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
+    expected = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"}
+    assert expected <= set(files)
     assert sorted(os.listdir(os.path.join(local, "plots"))) == [
         "dpo_loss.png", "dpo_rewards_accuracies.png", "dpo_rewards_margins.png", "sft_loss.png"]
     inputs = {"input_ids": torch.tensor([[1, 50, 60, 70, 80, 90]])}
