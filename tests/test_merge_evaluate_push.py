@@ -65,3 +65,15 @@ def test_push_enabled_without_repo_fails_clearly(trained):
         enabled = params.model_copy(update={"push": params.push.model_copy(update={"enabled": True})})
         with pytest.raises(ValueError, match=r"push.repo_id = ''; expected 'owner/name'"):
             push.run(enabled)
+
+
+def test_merge_loads_the_16_bit_base_even_with_the_4bit_profile(trained):
+    """On this CPU machine asking for a 4-bit model fails (no CUDA), so a merge that succeeds
+    with model.quantization = 4bit never asked for the quantized base."""
+    with inside(trained) as params:
+        qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            load_adapter_model(qlora.model, "models/dpo")  # the training path would quantize
+        merged, _, max_diff = merge.merge(qlora)
+    assert max_diff <= params.merge.atol
+    assert all(p.dtype == torch.float32 for p in merged.parameters())  # merged in full precision
