@@ -120,3 +120,15 @@ def test_locks_of_killed_dvc_processes_are_released(tmp_path):
     assert release_dead_dvc_locks(tmp_path) == 2
     assert json.loads((lock_dir / "rwlock").read_text()) == {
         "write": {"/w/models/sft": alive}, "read": {"/w/params.yaml": [alive]}}
+
+
+def test_stage_timeout_kills_the_stage_and_leaves_no_lock(harness, tmp_path):
+    repo = make_clone(tmp_path)
+    state = pipeline(workdir=str(repo), stages=["fetch"], stage_timeout_s=1.5, retries=0, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="timed out|TimeoutError|exceeded timeout"):
+        state.result()
+    time.sleep(0.5)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "stages.fetch" in (p.info["cmdline"] or [])]
+    rwlock = repo / ".dvc/tmp/rwlock"
+    assert not rwlock.exists() or json.loads(rwlock.read_text()) == {"write": {}, "read": {}}

@@ -105,7 +105,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
     assert logged_steps == sorted(set(logged_steps))  # finished steps were not redone
 
 
-def test_changed_inputs_do_not_resume_old_checkpoints(trained, tmp_path):
+def test_changed_inputs_do_not_resume_old_checkpoints(tmp_path):
     from stages import training
 
     folder = tmp_path / "ckpt"
