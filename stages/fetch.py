@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-from datasets import load_dataset
+import pyarrow.parquet as pq
+from datasets import Features, load_dataset
 
 from stages.cli import main
 from stages.outputs import ShardWriter, atomic_dir
@@ -35,25 +36,68 @@ BATCH_ROWS = 10_000
 log = logging.getLogger("stages.fetch")
 
 
+def corrupt_files(folder: Path) -> list[str]:
+    bad = []
+    for path in sorted(folder.glob("*.parquet")):
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as exc:
+            bad.append(f"{path} ({exc})")
+    return bad
+
+
+def unreadable(source: str, folder: Path, exc: Exception) -> InvalidInput:
+    named = corrupt_files(folder) if folder.is_dir() else []
+    return InvalidInput(f"{source}: cannot be read as parquet shards: {'; '.join(named) or exc}")
+
+
+def check_columns(source: str, dataset) -> None:
+    if dataset.features is None:  # a source without a schema: the cast while writing checks types
+        return
+    missing = [name for name in SCHEMA.names if name not in dataset.features]
+    if missing:
+        raise InvalidInput(f"{source}: missing columns {missing}; expected {SCHEMA.names}")
+    expected = Features.from_arrow_schema(SCHEMA)
+    wrong = [f"{name} is {dataset.features[name]}, expected {expected[name]}"
+             for name in SCHEMA.names if dataset.features[name] != expected[name]]
+    if wrong:
+        raise InvalidInput(f"{source}: wrong column types: {'; '.join(wrong)}")
+    extra = [name for name in dataset.features if name not in SCHEMA.names]
+    if extra:
+        log.warning("%s: ignoring extra columns %s", source, extra)
+
+
 def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     data_dir = getattr(params.data.splits, split)
     cap = getattr(params.fetch.max_rows, split)
     source = f"{params.data.source} ({data_dir})"
-    dataset = load_dataset(params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming)
-    missing = [name for name in SCHEMA.names if name not in (dataset.column_names or SCHEMA.names)]
-    if missing:
-        raise InvalidInput(f"{source}: missing columns {missing}; expected {SCHEMA.names}")
+    local = Path(params.data.source) / data_dir
+    if Path(params.data.source).is_dir():
+        if not local.is_dir():
+            raise InvalidInput(f"{source}: split folder {local} does not exist; expected parquet shards in it")
+        if not corrupt_files(local) and sum(pq.read_metadata(p).num_rows for p in local.glob("*.parquet")) == 0:
+            raise InvalidInput(f"{source}: the split has no rows; expected at least one")
+    try:
+        dataset = load_dataset(params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise unreadable(source, local, exc) from None
+    check_columns(source, dataset)
     if cap is not None:
         dataset = dataset.take(cap)
     writer = ShardWriter(out_dir / split, SCHEMA, params.fetch.shard_rows)
     # Close the stream here, not at interpreter exit: a reader left suspended by the row cap
     # was once torn down during shutdown and aborted the process after the data was written.
-    with contextlib.closing(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)) as batches:
-        for batch in batches:
-            writer.write(batch.select(SCHEMA.names))
+    try:
+        with contextlib.closing(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)) as batches:
+            for batch in batches:
+                writer.write(batch.select(SCHEMA.names))
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(source, local, exc) from None
     writer.close()
     del dataset
     gc.collect()
+    if writer.rows == 0:
+        raise InvalidInput(f"{source}: the split has no rows; expected at least one")
     log.info("%s: %d rows", source, writer.rows)
     return writer.rows
 

@@ -3,19 +3,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from stages.params import LoraParams, ModelParams
+from stages.params import InvalidInput, LoraParams, ModelParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def checked_source(name_or_path: str | Path) -> str:
+    """A local model folder, or something that can be a Hub id; anything else fails clearly."""
+    name = str(name_or_path)
+    if Path(name).exists():
+        if not (Path(name) / "config.json").exists() and not (Path(name) / "adapter_config.json").exists():
+            raise InvalidInput(f"model.name_or_path = {name!r}: the folder has no config.json; expected a model "
+                               "laid out like a Hub model repo")
+        return name
+    if not HUB_ID.match(name):
+        raise InvalidInput(f"model.name_or_path = {name!r}: no such folder, and not a Hub id like 'owner/name'")
+    return name
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(checked_source(name_or_path))
     if tokenizer.pad_token is None:  # Llama-2 has none; the recipe pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -25,7 +42,7 @@ def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
     if model.quantization == "none":
         return None
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise InvalidInput(
             "model.quantization = '4bit' needs CUDA (bitsandbytes NF4 kernels), and this machine has no CUDA "
             "device; set model.quantization: none to train unquantized on the CPU"
         )
@@ -44,7 +61,7 @@ def load_base_model(model: ModelParams, *, quantized: bool = True, dtype: torch.
     """The base model as configured; `quantized=False` always loads the 16/32-bit weights
     (merging needs them: adapters are never merged into a 4-bit model)."""
     return AutoModelForCausalLM.from_pretrained(
-        model.name_or_path,
+        checked_source(model.name_or_path),
         dtype=dtype or DTYPES[model.dtype],
         quantization_config=quantization_config(model) if quantized else None,
         device_map=device_map(),

@@ -30,6 +30,8 @@ from stages.paths import DPO_DATA, METRICS, RAW, SFT_DATA
 SFT_SCHEMA = pa.schema([("text", pa.string())])
 DPO_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())])
 REQUIRED = ["qid", "question", "response_j", "response_k"]
+TEXT_COLUMNS = ("question", "response_j", "response_k")
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # not tab, newline or carriage return
 log = logging.getLogger("stages.prepare")
 
 
@@ -69,21 +71,71 @@ class Drops:
         return {"input": self.input, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
 
 
-def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
+def _decodes(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def invalid_utf8(column: pa.Array) -> np.ndarray:
+    try:
+        column.validate(full=True)  # fast path: the whole column is valid UTF-8
+        return np.zeros(len(column), dtype=bool)
+    except pa.ArrowInvalid:
+        return np.array([v is not None and not _decodes(v) for v in column.view(pa.binary()).to_pylist()])
+
+
+def readable(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray]:
+    """The batch with invalid UTF-8 texts (lone surrogates, stray bytes) set to null, so the
+    text kernels can read it, and which rows had them."""
+    bad = np.zeros(batch.num_rows, dtype=bool)
+    columns = []
+    for name in batch.schema.names:
+        column = batch.column(name)
+        if name in TEXT_COLUMNS:
+            invalid = invalid_utf8(column)
+            if invalid.any():
+                column = pc.if_else(pa.array(invalid), pa.scalar(None, pa.string()), column)
+                bad |= invalid
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema), bad
+
+
+def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None,
+                 seen_pairs: set[int] | None) -> tuple[pa.RecordBatch, list[tuple[str, np.ndarray]]]:
+    """The readable batch and, in order, each reason a row is dropped before tokenizing.
+    With `seen_pairs`, a pair (question, both answers) met before in the split is a duplicate
+    (DPO only: in SFT a question's best answer recurs once per pair, as in the real data)."""
+    batch, bad_utf8 = readable(batch)
+
     def empty(name):
         col = batch.column(name)
         return pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True).to_numpy(False)
 
+    def control(name):
+        return pc.fill_null(pc.match_substring_regex(batch.column(name), CONTROL_CHARACTERS), False).to_numpy(False)
+
     reasons = [
+        ("invalid_utf8", bad_utf8),
         ("empty_question", empty("question")),
         ("empty_response_j", empty("response_j")),
         ("empty_response_k", empty("response_k")),
+        ("control_characters", control("question") | control("response_j") | control("response_k")),
         ("chosen_equals_rejected",
          pc.fill_null(pc.equal(batch.column("response_j"), batch.column("response_k")), False).to_numpy(False)),
     ]
     if eval_qids is not None:  # a question in the evaluation split must not be trained on
         reasons.append(("qid_in_evaluation", np.isin(batch.column("qid").to_numpy(False), eval_qids)))
-    return reasons
+    if seen_pairs is not None:
+        duplicate = np.zeros(batch.num_rows, dtype=bool)
+        for i, pair in enumerate(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS))):
+            fingerprint = hash(pair)
+            duplicate[i] = fingerprint in seen_pairs
+            seen_pairs.add(fingerprint)
+        reasons.append(("duplicate_pair", duplicate))
+    return batch, reasons
 
 
 def length_reasons(tokenizer, prompts, chosen, rejected, params: Params) -> list[tuple[str, np.ndarray]]:
@@ -112,7 +164,8 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     train = ShardWriter(out / "train", SFT_SCHEMA, params.fetch.shard_rows)
     evaluation = ShardWriter(out / "eval", SFT_SCHEMA, params.fetch.shard_rows)
     for batch in raw_batches("finetune", params.prepare.batch_rows):
-        keep = drops.keep(batch.num_rows, text_reasons(batch, eval_qids))
+        batch, reasons = text_reasons(batch, eval_qids, seen_pairs=None)
+        keep = drops.keep(batch.num_rows, reasons)
         batch = batch.filter(pa.array(keep))
         prompts = seed_prompts(batch.column("question").to_pylist())
         texts = pa.array([p + a for p, a in zip(prompts, batch.column("response_j").to_pylist())], pa.string())
@@ -127,8 +180,9 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
 def prepare_dpo(params: Params, tokenizer, split: str, eval_qids: np.ndarray | None, folder: Path) -> dict:
     drops = Drops()
     writer = ShardWriter(folder, DPO_SCHEMA, params.fetch.shard_rows)
+    seen_pairs: set[int] = set()
     for batch in raw_batches(split, params.prepare.batch_rows):
-        reasons = text_reasons(batch, eval_qids)
+        batch, reasons = text_reasons(batch, eval_qids, seen_pairs)
         valid = ~np.logical_or.reduce([bad for _, bad in reasons])
         pairs = pa.table(
             {

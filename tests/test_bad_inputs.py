@@ -1,0 +1,129 @@
+"""The bad-input catalogue: every case ends in a clear error naming the file, row or key and
+what was expected, or in a drop counted by reason with input rows = kept + dropped.
+
+Cases tested elsewhere: missing column (test_fetch, test_prepare), null or empty question or
+answers, chosen identical to rejected, evaluation qid in training (test_prepare), rows beyond
+max_length (test_prepare), zero rows left after filtering (test_prepare), params with an
+unknown key, a wrong type, beta/learning rate/LoRA r <= 0, batch size 0 (test_params).
+"""
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import fetch, prepare
+from stages.modeling import load_base_model, load_tokenizer
+from stages.params import InvalidInput
+from tests.conftest import REPO, inside, make_workspace
+
+SAMPLE = REPO / "data/sample/stack-exchange-paired"
+
+
+def mirror_with(tmp_path, split, change):
+    """A copy of the sample with `change(table) -> table | None` applied to one split's shards
+    (None removes the split's folder)."""
+    mirror = tmp_path / "mirror"
+    shutil.copytree(SAMPLE, mirror)
+    folder = mirror / "data" / split
+    table = change(pq.read_table(folder))
+    shutil.rmtree(folder)
+    if table is not None:
+        folder.mkdir()
+        pq.write_table(table, folder / "train-00000-of-00001.parquet")
+    return make_workspace(tmp_path / "ws", {"data": {"source": str(mirror)}})
+
+
+def fetch_error(ws) -> str:
+    with inside(ws) as params, pytest.raises(InvalidInput) as err:
+        fetch.run(params)
+    assert not (ws / "data/raw").exists()  # nothing half-written
+    return str(err.value)
+
+
+def test_extra_columns_are_ignored(tmp_path):
+    ws = mirror_with(tmp_path, "rl", lambda t: t.append_column("score", pa.array([1] * t.num_rows)))
+    with inside(ws) as params:
+        fetch.run(params)
+    assert pq.read_table(ws / "data/raw/rl").column_names == fetch.SCHEMA.names
+
+
+def test_wrong_column_type_is_named(tmp_path):
+    ws = mirror_with(tmp_path, "rl", lambda t: t.set_column(0, "qid", t.column("qid").cast(pa.string())))
+    assert "(data/rl): wrong column types: qid is Value('string'), expected Value('int64')" in fetch_error(ws)
+
+
+def test_missing_split_directory_is_named(tmp_path):
+    ws = mirror_with(tmp_path, "evaluation", lambda t: None)
+    assert "split folder" in (message := fetch_error(ws)) and "data/evaluation does not exist" in message
+
+
+def test_empty_split_is_refused(tmp_path):
+    ws = mirror_with(tmp_path, "rl", lambda t: t.slice(0, 0))
+    assert "(data/rl): the split has no rows" in fetch_error(ws)
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    ws = mirror_with(tmp_path, "finetune", lambda t: t)
+    shard = next((tmp_path / "mirror/data/finetune").glob("*.parquet"))
+    shard.write_bytes(b"PAR1 this is not parquet")
+    message = fetch_error(ws)
+    assert "cannot be read as parquet shards" in message and shard.name in message
+
+
+def _raw_workspace(tmp_path):
+    ws = make_workspace(tmp_path, {"prepare": {"max_prompt_length": 10_000, "max_length": 10_000}})
+    with inside(ws) as params:
+        fetch.run(params)
+    return ws
+
+
+def _rewrite_rl(ws, rows_or_table):
+    shard = ws / "data/raw/rl/part-00000.parquet"
+    table = rows_or_table if isinstance(rows_or_table, pa.Table) else pa.Table.from_pylist(rows_or_table,
+                                                                                              schema=fetch.SCHEMA)
+    pq.write_table(table, shard)
+
+
+def test_control_characters_duplicates_and_invalid_utf8_are_dropped_by_reason(tmp_path):
+    ws = _raw_workspace(tmp_path)
+    rows = pq.read_table(ws / "data/raw/rl").to_pylist()
+    rows[0]["question"] += "\x00\x07"
+    rows[1]["response_k"] = "bell \x1b[31m escape"
+    rows[5] = dict(rows[4])  # the same pair twice
+    table = pa.Table.from_pylist(rows, schema=fetch.SCHEMA)
+    # a lone surrogate as it arrives from a bad encoder: bytes that are not UTF-8
+    broken = table.column("response_j").combine_chunks().view(pa.binary()).to_pylist()
+    broken[2] = b"half a character \xed\xa0\x80 here"
+    table = table.set_column(4, "response_j", pa.array(broken, pa.binary()).view(pa.string()))
+    _rewrite_rl(ws, table)
+    with inside(ws) as params:
+        counts = prepare.run(params)["dpo/train"]
+    dropped = counts["dropped"]
+    assert (dropped["control_characters"], dropped["duplicate_pair"], dropped["invalid_utf8"]) == (2, 1, 1)
+    assert counts["input"] == len(rows) == counts["kept"] + sum(dropped.values())
+    kept = pq.read_table(ws / "data/processed/dpo/train")
+    kept.validate(full=True)  # every kept text is valid UTF-8
+    assert not any("\x00" in q for q in kept.column("prompt").to_pylist())
+
+
+def test_base_model_path_that_does_not_exist(tmp_path):
+    with pytest.raises(InvalidInput, match=r"model.name_or_path = 'data/sample/no-such-model': no such folder"):
+        load_tokenizer("data/sample/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="the folder has no config.json"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_tokenizer_without_pad_token_pads_with_eos():
+    tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")  # like Llama-2, it ships no pad token
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+
+
+def test_4bit_without_cuda_is_a_clear_error():
+    from stages.params import ModelParams
+
+    model = ModelParams(name_or_path=str(REPO / "data/sample/tiny-llama"), quantization="4bit")
+    with pytest.raises(InvalidInput, match="needs CUDA .* set model.quantization: none"):
+        load_base_model(model)
