@@ -81,6 +81,18 @@ def make_clone(root: Path) -> Path:
     return root
 
 
+def stage_processes(root: Path, stage: str = "") -> list:
+    """Live `python -m stages.<stage>` processes working in `root` (not other runs on the machine)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline, cwd = proc.info["cmdline"] or [], proc.info["cwd"] or ""
+        if any(arg.startswith(f"stages.{stage}") for arg in cmdline) and cwd.startswith(str(root)):
+            found.append(proc)
+    return found
+
+
 @pytest.fixture
 def workspace(tmp_path):
     return make_workspace(tmp_path / "ws")

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 from uuid import UUID
 
-import psutil
 import pytest
 import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import make_clone
+from tests.conftest import make_clone, stage_processes
 
 pytestmark = pytest.mark.slow
 QUICK = {"sft": {"train": {"max_steps": 4}}, "dpo": {"train": {"max_steps": 4}},
@@ -119,11 +118,6 @@ def run_logs(run_id: UUID) -> list[str]:
     return messages
 
 
-def stage_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and any(arg.startswith("stages.") for arg in p.info["cmdline"])]
-
-
 def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     repo = prefect["repo"]
     run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
@@ -155,14 +149,14 @@ def test_cancelled_run_leaves_no_stage_process_and_no_dvc_lock(prefect):
     params_before = (repo / "params.yaml").read_text()
     run_id = run_deployment(prefect, {"overrides": {**QUICK, "sft": {"train": {"max_steps": 500}}}})
     deadline = time.monotonic() + 300
-    while not any("stages.sft" in p.info["cmdline"] for p in stage_processes()):
+    while not stage_processes(repo, "sft"):
         assert time.monotonic() < deadline, "sft never started"
         time.sleep(0.5)
     prefect["cli"]("flow-run", "cancel", str(run_id))
     run = wait_for(run_id, timeout=120)
     assert run.state.is_cancelled(), run.state
     time.sleep(1)
-    assert stage_processes() == []
+    assert stage_processes(repo) == []
     rwlock = json.loads((repo / ".dvc/tmp/rwlock").read_text())
     assert rwlock == {"write": {}, "read": {}}
     assert (repo / "params.yaml").read_text() == params_before

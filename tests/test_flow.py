@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
 from stages.params import ParamsError
-from tests.conftest import FAST, make_clone
+from tests.conftest import FAST, make_clone, stage_processes
 
 QUICK = {**FAST, "fetch": {"max_rows": {"finetune": 300, "rl": 160, "evaluation": 64}}}
 
@@ -65,15 +65,14 @@ def test_permanent_failure_is_not_retried(harness, tmp_path):
     assert task_run_counts(state) == {"fetch": 1, "prepare": 1}
 
 
-def _kill_first_sft_after(checkpoint: Path, killed: list[int]) -> None:
+def _kill_first_sft_after(repo: Path, checkpoint: Path, killed: list[int]) -> None:
     """Fault injection from outside: SIGKILL the sft stage process once its checkpoint exists."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not killed:
         if (checkpoint / "trainer_state.json").exists():
-            for proc in psutil.process_iter(["cmdline"]):
-                if proc.info["cmdline"] and proc.info["cmdline"][-2:] == ["-m", "stages.sft"]:
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
+            for proc in stage_processes(repo, "sft"):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
         time.sleep(0.05)
 
 
@@ -83,7 +82,8 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     overrides = {**QUICK, "sft": {"train": {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "logging_steps": 1,
                                             "save_total_limit": 10}}}
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_first_sft_after, args=(repo / "checkpoints/sft/checkpoint-4", killed))
+    watcher = threading.Thread(target=_kill_first_sft_after,
+                               args=(repo, repo / "checkpoints/sft/checkpoint-4", killed))
     watcher.start()
     state = pipeline(overrides=overrides, experiment="resumed", workdir=str(repo), retries=2, retry_backoff_s=0.1,
                      return_state=True)
@@ -129,6 +129,6 @@ def test_stage_timeout_kills_the_stage_and_leaves_no_lock(harness, tmp_path):
     with pytest.raises(Exception, match="timed out|TimeoutError|exceeded timeout"):
         state.result()
     time.sleep(0.5)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "stages.fetch" in (p.info["cmdline"] or [])]
+    assert stage_processes(repo) == []
     rwlock = repo / ".dvc/tmp/rwlock"
     assert not rwlock.exists() or json.loads(rwlock.read_text()) == {"write": {}, "read": {}}
