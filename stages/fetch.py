@@ -36,18 +36,19 @@ BATCH_ROWS = 10_000
 log = logging.getLogger("stages.fetch")
 
 
-def corrupt_files(folder: Path) -> list[str]:
-    bad = []
+def read_footers(folder: Path) -> tuple[int, list[str]]:
+    """(rows in the readable shards, the shards whose footer cannot be read and why)."""
+    rows, bad = 0, []
     for path in sorted(folder.glob("*.parquet")):
         try:
-            pq.read_metadata(path)
+            rows += pq.read_metadata(path).num_rows
         except (pa.ArrowException, OSError) as exc:
             bad.append(f"{path} ({exc})")
-    return bad
+    return rows, bad
 
 
 def unreadable(source: str, folder: Path, exc: Exception) -> InvalidInput:
-    named = corrupt_files(folder) if folder.is_dir() else []
+    named = read_footers(folder)[1] if folder.is_dir() else []
     return InvalidInput(f"{source}: cannot be read as parquet shards: {'; '.join(named) or exc}")
 
 
@@ -75,7 +76,8 @@ def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     if Path(params.data.source).is_dir():
         if not local.is_dir():
             raise InvalidInput(f"{source}: split folder {local} does not exist; expected parquet shards in it")
-        if not corrupt_files(local) and sum(pq.read_metadata(p).num_rows for p in local.glob("*.parquet")) == 0:
+        rows, corrupt = read_footers(local)
+        if rows == 0 and not corrupt:
             raise InvalidInput(f"{source}: the split has no rows; expected at least one")
     try:
         dataset = load_dataset(params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming)

@@ -139,17 +139,17 @@ def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None,
 
 
 def length_reasons(tokenizer, prompts, chosen, rejected, params: Params) -> list[tuple[str, np.ndarray]]:
-    eos = tokenizer.eos_token
-    prompt_len = np.array([len(ids) for ids in tokenizer(prompts)["input_ids"]])
-    chosen_len = np.array([len(ids) for ids in tokenizer([p + c + eos for p, c in zip(prompts, chosen)])["input_ids"]])
-    rejected_len = np.array(
-        [len(ids) for ids in tokenizer([p + r + eos for p, r in zip(prompts, rejected)])["input_ids"]]
-    )
+    def tokens(texts: list[str]) -> np.ndarray:
+        return np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])
+
+    def with_answer(answers: list[str]) -> np.ndarray:  # prompt + answer + EOS, as DPOTrainer tokenizes it
+        return tokens([p + a + tokenizer.eos_token for p, a in zip(prompts, answers)])
+
     limit = params.prepare.max_length
     return [
-        ("prompt_too_long", prompt_len > params.prepare.max_prompt_length),
-        ("chosen_too_long", chosen_len > limit),
-        ("rejected_too_long", rejected_len > limit),
+        ("prompt_too_long", tokens(prompts) > params.prepare.max_prompt_length),
+        ("chosen_too_long", with_answer(chosen) > limit),
+        ("rejected_too_long", with_answer(rejected) > limit),
     ]
 
 

@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from dvclive import Live
 from transformers.integrations import DVCLiveCallback
 
-from dvclive import Live
 from stages.outputs import atomic_dir, write_json_atomic
 from stages.params import ModelParams, TrainingParams
 
@@ -69,24 +69,10 @@ def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) 
     """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments)."""
     on_gpu = torch.cuda.is_available()
     return dict(
+        **train.model_dump(),  # the schema's fields are named as TrainingArguments names them
         output_dir=str(output_dir),
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler_type,
-        warmup_steps=train.warmup_steps,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        per_device_eval_batch_size=train.per_device_eval_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        weight_decay=train.weight_decay,
-        optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
-        logging_steps=train.logging_steps,
         eval_strategy="steps",
-        eval_steps=train.eval_steps,
         save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        seed=train.seed,
         bf16=on_gpu and (model.dtype == "bfloat16" or model.quantization == "4bit"),
         fp16=on_gpu and model.dtype == "float16",
         report_to="none",  # dvclive is attached below with its folder set per stage

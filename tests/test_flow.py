@@ -17,8 +17,6 @@ from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, rel
 from stages.params import ParamsError
 from tests.conftest import FAST, make_clone, stage_processes
 
-QUICK = {**FAST, "fetch": {"max_rows": {"finetune": 300, "rl": 160, "evaluation": 64}}}
-
 
 @pytest.fixture(scope="module")
 def harness():
@@ -57,7 +55,7 @@ def test_invalid_overrides_fail_before_any_stage(harness, tmp_path):
 @pytest.mark.slow
 def test_permanent_failure_is_not_retried(harness, tmp_path):
     repo = make_clone(tmp_path)
-    overrides = {**QUICK, "prepare": {"max_prompt_length": 5}}  # every pair too long: nothing left
+    overrides = {**FAST, "prepare": {"max_prompt_length": 5}}  # every pair too long: nothing left
     state = pipeline(overrides=overrides, workdir=str(repo), retries=3, retry_backoff_s=0.1, return_state=True)
     assert state.is_failed()
     with pytest.raises(PermanentStageFailure, match="no rows left for dpo/train"):
@@ -79,7 +77,7 @@ def _kill_first_sft_after(repo: Path, checkpoint: Path, killed: list[int]) -> No
 @pytest.mark.slow
 def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path):
     repo = make_clone(tmp_path)
-    overrides = {**QUICK, "sft": {"train": {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "logging_steps": 1,
+    overrides = {**FAST, "sft": {"train": {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "logging_steps": 1,
                                             "save_total_limit": 10}}}
     killed: list[int] = []
     watcher = threading.Thread(target=_kill_first_sft_after,
