@@ -33,7 +33,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
@@ -152,7 +152,8 @@ def ensure_gpu_limit(slots: int) -> None:
         try:
             client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            with contextlib.suppress(ObjectAlreadyExists):  # another run made it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
 
 
 def apply_overrides(workdir: Path, overrides: dict) -> str:

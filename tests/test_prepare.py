@@ -81,13 +81,17 @@ def test_bad_rows_are_dropped_by_reason(tmp_path):
     rows[1]["response_j"] = None
     rows[2]["response_k"] = rows[2]["response_j"]
     rows[3]["qid"] = eval_qid
+    rows[4]["response_k"] = ""
+    rows[5]["response_k"] = rows[5]["response_k"] + " word" * 20_000  # far beyond max_length in tokens
     pq.write_table(pa.Table.from_pylist(rows, schema=fetch.SCHEMA), rl)
     with inside(ws) as params:
         metrics = prepare.run(params)
     dropped = metrics["dpo/train"]["dropped"]
     assert (dropped["empty_question"], dropped["empty_response_j"], dropped["chosen_equals_rejected"],
-            dropped["qid_in_evaluation"]) == (1, 1, 1, 1)
-    assert metrics["dpo/train"]["kept"] == len(rows) - 4
+            dropped["qid_in_evaluation"], dropped["empty_response_k"], dropped["rejected_too_long"]) == (1,) * 6
+    assert sum(dropped.values()) == 6 and metrics["dpo/train"]["kept"] == len(rows) - 6
+    kept = pq.read_table(ws / "data/processed/dpo/train").to_pylist()
+    assert all(pair["rejected"] != rows[i]["response_k"] for pair in kept for i in (4, 5))
 
 
 def test_missing_column_names_the_file(tmp_path):

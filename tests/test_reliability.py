@@ -1,0 +1,290 @@
+"""Faults and concurrency through the real `dvc` CLI and Prefect: a stage SIGKILLed at a random
+moment reruns to the uninterrupted result, two `dvc repro` on one workspace do not collide, two
+flow runs share one DVC cache, and a Hub token reaches no file and no Prefect log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import load_file
+
+from flows.pipeline import pipeline
+from stages.params import deep_merge
+from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
+
+pytestmark = pytest.mark.slow
+
+# More steps than FAST, so a random kill often lands mid-training and a checkpoint is resumed.
+PARAMS = deep_merge(DEFAULT_PARAMS, deep_merge(FAST, {
+    "sft": {"train": {"max_steps": 8, "save_steps": 2, "eval_steps": 8}},
+    "dpo": {"train": {"max_steps": 8, "save_steps": 2, "eval_steps": 8}},
+}))
+KILLED_STAGES = ["fetch", "prepare", "sft", "dpo", "merge"]
+OUTPUTS = {
+    "fetch": ["data/raw"],
+    "prepare": ["data/processed/sft", "data/processed/dpo", "metrics/prepare.json"],
+    "sft": ["models/sft", "metrics/sft.json"],
+    "dpo": ["models/dpo", "metrics/dpo.json"],
+    "merge": ["models/merged"],
+}
+
+
+def dvc_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), capture_output=True,
+                            text=True)
+    assert not check or result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def small_clone(root: Path) -> Path:
+    clone = make_clone(root)
+    (clone / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    return clone
+
+
+def start_dvc(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_stage(root: Path, stage: str, dvc_proc: subprocess.Popen, timeout: float = 120):
+    """The stage's process once `dvc_proc` has started it, or None if dvc finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and dvc_proc.poll() is None:
+        found = stage_processes(root, stage)
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    return None
+
+
+def stage_lifetime(root: Path, stage: str) -> float:
+    """Run one stage through dvc and return how long its own process lived."""
+    proc = start_dvc(root, "repro", "--single-item", stage)
+    stage_proc = wait_for_stage(root, stage, proc)
+    started = time.monotonic()
+    out, _ = proc.communicate()
+    assert proc.returncode == 0 and stage_proc is not None, out
+    return time.monotonic() - started
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(path))
+    assert found, f"no safetensors in {folder}"
+    return found
+
+
+def assert_same(rel: str, ours: Path, reference: Path) -> None:
+    """`rel` of `ours` equals the reference's: data to the row; trained weights and training
+    metrics within tolerance."""
+    a, b = ours / rel, reference / rel
+    if rel.startswith("data/"):
+        for shard in sorted(b.rglob("*.parquet")):
+            assert pq.read_table(a / shard.relative_to(b)).equals(pq.read_table(shard)), shard
+        assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
+    elif rel == "metrics/prepare.json":
+        assert json.loads(a.read_text()) == json.loads(b.read_text())
+    elif rel.startswith("metrics/"):
+        mine, theirs = json.loads(a.read_text()), json.loads(b.read_text())
+        assert mine["global_step"] == theirs["global_step"]
+        for key, value in theirs["eval"].items():
+            assert mine["eval"][key] == pytest.approx(value, rel=0.02, abs=0.02), (rel, key)
+    else:
+        mine, theirs = tensors(a), tensors(b)
+        assert mine.keys() == theirs.keys()
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(mine[name].float(), tensor.float(), rtol=0.02, atol=2e-3, msg=name)
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in (root / "data").rglob(".*tmp-*")] + [p for p in (root / "models").rglob(".*tmp-*")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A clone that ran every stage once, and how long each stage's process lived."""
+    clone = small_clone(tmp_path_factory.mktemp("uninterrupted"))
+    lifetimes = {stage: stage_lifetime(clone, stage) for stage in [*KILLED_STAGES, "evaluate"]}
+    return clone, lifetimes
+
+
+def test_each_stage_killed_at_a_random_moment_reruns_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    reference, lifetimes = uninterrupted
+    clone = small_clone(tmp_path / "killed")
+    seed = int(os.environ.get("STACK_DPO_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    print(f"kill moments from seed {seed} (set STACK_DPO_KILL_SEED to replay)")
+    for stage in KILLED_STAGES:
+        delay = rng.uniform(0, lifetimes[stage])
+        proc = start_dvc(clone, "repro", "--single-item", stage)
+        stage_proc = wait_for_stage(clone, stage, proc)
+        time.sleep(delay)
+        try:
+            killed = stage_proc is not None and stage_proc.status() != psutil.STATUS_ZOMBIE
+            if killed:
+                stage_proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            killed = False
+        out, _ = proc.communicate()
+        print(f"{stage}: SIGKILL at {delay:.2f}s of {lifetimes[stage]:.2f}s, killed={killed}")
+        if killed:  # DVC must not take the interrupted stage as done, and nothing is half-written
+            assert proc.returncode != 0, out
+            assert stage in json.loads(dvc(clone, "status", "--json", stage).stdout)
+            for rel in OUTPUTS[stage]:
+                if (clone / rel).exists() and not rel.startswith("metrics/"):
+                    assert_same(rel, clone, reference)
+        rerun = dvc(clone, "repro", "--single-item", stage).stdout
+        assert ("Running stage" in rerun) == killed, rerun
+        assert leftovers(clone) == []
+        for rel in OUTPUTS[stage]:
+            assert_same(rel, clone, reference)
+        assert dvc(clone, "status", "--json", stage).stdout.strip() in ("{}", "")
+    dvc(clone, "repro", "--single-item", "evaluate")
+    ours, theirs = (json.loads((root / "metrics/evaluate.json").read_text()) for root in (clone, reference))
+    assert ours["n_pairs"] == theirs["n_pairs"]
+    assert ours["rewards/accuracies"] == pytest.approx(theirs["rewards/accuracies"], abs=0.05)
+    assert ours["rewards/margins"] == pytest.approx(theirs["rewards/margins"], rel=0.05, abs=0.01)
+    # the deterministic stages recorded the very same outputs as the uninterrupted run
+    lock, reference_lock = (yaml.safe_load((root / "dvc.lock").read_text())["stages"] for root in (clone, reference))
+    for stage in ("fetch", "prepare"):
+        assert lock[stage]["outs"] == reference_lock[stage]["outs"]
+
+
+def test_two_dvc_repro_on_one_workspace(tmp_path):
+    """DVC holds a read/write lock on each running stage's deps and outs: a second `dvc repro`
+    that reaches a stage whose paths the first holds fails at once, naming the process holding
+    them, and touches nothing; the first completes and the workspace is consistent.
+    (`dvc --wait-for-lock` waits for the repo lock only; the flow retries such a stage with backoff.)"""
+    clone = small_clone(tmp_path / "ws")
+    first = start_dvc(clone, "repro")
+    assert wait_for_stage(clone, "sft", first) is not None
+    second = dvc(clone, "repro", check=False)
+    message = second.stderr + second.stdout
+    assert second.returncode != 0
+    # DVC locks a stage before it checks whether it changed, so the second stops at the first
+    # stage whose paths the running one holds (prepare: sft reads data/processed/sft)
+    assert re.search(r"failed to reproduce '\w+': '.+' is busy, it is being blocked by:", message), message
+    assert f"(PID {first.pid}): " in message and " repro" in message
+    assert "Running stage" not in message
+    first_out, _ = first.communicate()
+    assert first.returncode == 0, first_out
+    assert "Data and pipelines are up to date." in dvc(clone, "repro").stdout
+    assert dvc(clone, "status", "--json").stdout.strip() in ("{}", "")
+    assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+FLOW_RUN = """
+import sys
+from flows.pipeline import pipeline
+state = pipeline(workdir=sys.argv[1], experiment=sys.argv[2], return_state=True)
+print("FLOW_RUN_ID", state.state_details.flow_run_id)
+state.result()
+"""
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_two_flow_runs_in_separate_workspaces_share_one_dvc_cache(harness, tmp_path):
+    cache = tmp_path / "shared-cache"
+    clones = [small_clone(tmp_path / name) for name in ("a", "b")]
+    for clone in clones:
+        dvc(clone, "cache", "dir", "--local", str(cache))
+    env = {**dvc_env(), "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), f"shared-{clone.name}"], cwd=clone,
+                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for clone in clones]
+    outputs = [run.communicate(timeout=900)[0] for run in runs]
+    for run, out in zip(runs, outputs):
+        assert run.returncode == 0, out[-3000:]
+    locks = [yaml.safe_load((clone / "dvc.lock").read_text())["stages"] for clone in clones]
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    cached_outs = {out for stage in dvc_yaml.values() for out in stage.get("outs", []) if isinstance(out, str)}
+    assert {"data/raw", "data/processed/dpo", "models/sft", "models/merged"} <= cached_outs
+    for clone, lock in zip(clones, locks):
+        assert dvc(clone, "status", "--json").stdout.strip() in ("{}", "")
+        assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
+        for stage in lock.values():
+            for out in stage.get("outs", []):
+                if out["path"] in cached_outs:
+                    assert (cache / "files/md5" / out["md5"][:2] / out["md5"][2:]).is_file(), out
+    for stage in ("fetch", "prepare"):  # deterministic stages: the same objects, stored once
+        assert locks[0][stage]["outs"] == locks[1][stage]["outs"]
+    objects = [p for p in (cache / "files/md5").rglob("*") if p.is_file()]
+    assert objects and all(md5(p) == p.parent.name + p.name.removesuffix(".dir") for p in objects)
+    # each workspace can restore its outputs from the shared cache
+    for clone in clones:
+        for path in (clone / "models/merged").iterdir():
+            path.unlink()
+        dvc(clone, "checkout", "models/merged")
+        assert (clone / "models/merged/model.safetensors").is_file()
+
+
+def test_hub_token_reaches_no_file_and_no_prefect_log(harness, tmp_path, monkeypatch):
+    from tests.hub_server import FakeHub
+
+    token = "hf_" + secrets.token_hex(16)  # made here, so nothing can hold it by accident
+    hub = FakeHub(tokens={token: "alice"}).start()
+    try:
+        for key, value in {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
+                           "HF_HOME": str(tmp_path / "hf-home")}.items():
+            monkeypatch.setenv(key, value)
+        clone = small_clone(tmp_path / "ws")
+        state = pipeline(workdir=str(clone), overrides={"push": {"enabled": True, "repo_id": "alice/secret-scan"}},
+                         experiment="secret-scan", return_state=True)
+        assert state.is_completed(), state
+        assert json.loads((clone / "reports/push.json").read_text())["pushed"] is True
+        assert hub.commit_count("alice/secret-scan") >= 1
+    finally:
+        hub.stop()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        logs, page = [], None
+        while page != []:
+            page = client.read_logs(log_filter=log_filter, limit=200, offset=len(logs))
+            logs += page
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts()
+    text = "\n".join(log.message for log in logs)
+    assert "Running stage 'push'" in text and "alice/secret-scan" in text  # the push stage was logged
+    records = [text, flow_run.model_dump_json(), *(run.model_dump_json() for run in task_runs),
+               *(artifact.model_dump_json() for artifact in artifacts)]
+    assert not [record for record in records if token in record]
+    for path in clone.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert token.encode() not in path.read_bytes(), path
