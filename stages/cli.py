@@ -1,23 +1,52 @@
 """The entry point every stage shares: validate params.yaml first, then run the stage.
 
 Bad params or data end the stage with exit code 2 and a line starting with PERMANENT_FAILURE,
-which tells the Prefect flow not to retry it."""
+which tells the Prefect flow not to retry it. A training stage whose params ask for more than
+one process re-runs itself under `accelerate launch` (DDP, or the FSDP / DeepSpeed setup of
+launch.config_file)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from stages.params import InvalidInput, Params, load_params
+from stages.params import InvalidInput, LaunchParams, Params, load_params
 
 PERMANENT_FAILURE = "stack-dpo: invalid input, not retrying:"
 
 
-def main(run: Callable[[Params], object]) -> None:
+def accelerate_command(module: str, launch: LaunchParams) -> list[str]:
+    """`accelerate launch` of `python -m module` with launch.num_processes processes on this node."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes),
+               "--num_machines", "1", "--dynamo_backend", "no"]
+    if launch.config_file:
+        if not os.path.isfile(launch.config_file):
+            raise InvalidInput(f"launch.config_file = {launch.config_file!r}: no such file; expected an accelerate "
+                               "config such as deploy/accelerate/fsdp.yaml")
+        command += ["--config_file", launch.config_file]
+    else:
+        command += ["--multi_gpu", "--mixed_precision", "no"]  # DDP; on a CPU-only machine the trainer picks gloo
+    return [*command, "-m", module]
+
+
+def main(run: Callable[[Params], object], distributed: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        run(load_params())  # params are validated before any work: nothing is read or written
+        params = load_params()  # params are validated before any work: nothing is read or written
+        launched = "LOCAL_RANK" in os.environ
+        if distributed and params.launch.num_processes > 1 and not launched:
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+            devices, kind = (torch.cuda.device_count(), "GPUs") if on_gpu else (os.cpu_count(), "CPUs")
+            if params.launch.num_processes > devices:
+                raise InvalidInput(f"launch.num_processes = {params.launch.num_processes}: this machine has {devices} "
+                                   f"{kind}; expected at most one process per device")
+            module = sys.modules["__main__"].__spec__.name
+            os.execv(sys.executable, accelerate_command(module, params.launch))
+        run(params)
     except InvalidInput as exc:
         print(f"{PERMANENT_FAILURE} {exc}", file=sys.stderr)
         sys.exit(2)

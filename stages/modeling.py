@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
 
 
 def device_map() -> dict | None:
-    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+    # under `accelerate launch` each process holds its own copy on its own GPU
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
 
 
 def load_base_model(model: ModelParams, *, quantized: bool = True, dtype: torch.dtype | None = None):

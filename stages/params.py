@@ -101,6 +101,17 @@ class DpoParams(Section):
     train: TrainingParams
 
 
+class ReferenceParams(Section):
+    batch_size: int = Field(16, gt=0)
+
+
+class LaunchParams(Section):
+    """How sft and dpo are launched: more than one process runs them under `accelerate launch`."""
+
+    num_processes: int = Field(1, gt=0)
+    config_file: str | None = None  # an accelerate config file (FSDP, DeepSpeed); None: plain DDP
+
+
 class MergeParams(Section):
     save_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     max_shard_size: str = Field("5GB", pattern=r"^\d+(KB|MB|GB)$")
@@ -129,7 +140,9 @@ class Params(Section):
     model: ModelParams
     fetch: FetchParams
     prepare: PrepareParams
+    launch: LaunchParams = LaunchParams()
     sft: SftParams
+    reference: ReferenceParams = ReferenceParams()
     dpo: DpoParams
     merge: MergeParams
     evaluate: EvaluateParams

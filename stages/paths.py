@@ -5,6 +5,7 @@ from pathlib import Path
 RAW = Path("data/raw")                   # fetch: {finetune,rl,evaluation}/ parquet shards
 SFT_DATA = Path("data/processed/sft")    # prepare: {train,eval}/ with column `text`
 DPO_DATA = Path("data/processed/dpo")    # prepare: {train,eval}/ with prompt, chosen, rejected
+REFERENCE = Path("data/processed/reference")  # reference: {train,eval}/ ref_chosen_logps, ref_rejected_logps
 SFT_ADAPTER = Path("models/sft")
 DPO_ADAPTER = Path("models/dpo")
 MERGED = Path("models/merged")

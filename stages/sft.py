@@ -17,11 +17,6 @@ from stages.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 def run(params: Params) -> dict:
     inputs_hash = training.fingerprint([params.model, params.sft], [SFT_DATA, Path(params.model.name_or_path)])
-    checkpoint = training.resume_point(CHECKPOINTS / "sft", inputs_hash)
-    tokenizer = load_tokenizer(params.model.name_or_path)
-    model = load_base_model(params.model)
-    model.config.use_cache = False
-    data = load_splits(SFT_DATA)
     config = SFTConfig(
         dataset_text_field="text",
         max_length=params.sft.seq_length,
@@ -29,6 +24,11 @@ def run(params: Params) -> dict:
         packing_strategy=params.sft.packing_strategy,
         **training.trainer_kwargs(params.sft.train, params.model, CHECKPOINTS / "sft"),
     )
+    checkpoint = training.checkpoint_to_resume(config, CHECKPOINTS / "sft", inputs_hash)
+    tokenizer = load_tokenizer(params.model.name_or_path)
+    model = load_base_model(params.model)
+    model.config.use_cache = False
+    data = load_splits(SFT_DATA)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -36,13 +36,13 @@ def run(params: Params) -> dict:
         eval_dataset=data["eval"],
         processing_class=tokenizer,
         peft_config=lora_config(params.sft.lora),
-        callbacks=[training.dvclive_callback("sft", resume=checkpoint is not None)],
+        callbacks=training.dvclive_callbacks("sft", resume=checkpoint is not None),
     )
     metrics = training.train(trainer, checkpoint)
-    training.save_adapter(trainer.model, tokenizer, SFT_ADAPTER)
+    training.save_adapter(trainer, tokenizer, SFT_ADAPTER)
     training.write_metrics(METRICS / "sft.json", metrics)
     return metrics
 
 
 if __name__ == "__main__":
-    main(run)
+    main(run, distributed=True)

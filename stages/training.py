@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,11 @@ FINGERPRINT = "inputs.sha256"
 KEPT_METRICS = ("loss", "mean_token_accuracy", "rewards/", "logps/")  # the rest is in the dvclive plots
 CODE = Path(__file__).parent
 log = logging.getLogger("stages.training")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch`, or the only process: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def fingerprint(params: list, inputs: list[Path]) -> str:
@@ -78,12 +84,23 @@ def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) 
         report_to="none",  # dvclive is attached below with its folder set per stage
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_cpu=not on_gpu,  # with several processes on CPUs this selects DDP over gloo
+        ddp_find_unused_parameters=False,  # every trainable (LoRA) weight is used in each step
     )
 
 
-def dvclive_callback(stage: str, resume: bool) -> DVCLiveCallback:
+def checkpoint_to_resume(config, folder: Path, inputs_hash: str) -> Path | None:
+    """resume_point, decided by rank 0 before the other processes look (they only read)."""
+    with config.main_process_first(desc="checkpoints"):
+        return resume_point(folder, inputs_hash)
+
+
+def dvclive_callbacks(stage: str, resume: bool) -> list[DVCLiveCallback]:
+    """The dvclive logger of dvclive/<stage>, on rank 0 only (Live also cleans its folder when it starts)."""
+    if not is_main_process():
+        return []
     live = Live(dir=f"dvclive/{stage}", resume=resume, save_dvc_exp=False, dvcyaml=None)
-    return DVCLiveCallback(live=live)
+    return [DVCLiveCallback(live=live)]
 
 
 def train(trainer, checkpoint: Path | None) -> dict:
@@ -103,6 +120,7 @@ def train(trainer, checkpoint: Path | None) -> dict:
 
     return {
         "global_step": trainer.state.global_step,
+        "num_processes": trainer.args.world_size,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else 0,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
         "train": summary(train_logs[-1] if train_logs else {}),
@@ -110,12 +128,21 @@ def train(trainer, checkpoint: Path | None) -> dict:
     }
 
 
-def save_adapter(model, tokenizer, out: Path) -> None:
+def save_adapter(trainer, tokenizer, out: Path) -> None:
+    """The trained adapter (not TRL's frozen "ref" copy) to `out`, written by rank 0 only.
+    Under FSDP or DeepSpeed ZeRO-3 the weights are sharded: every rank joins in gathering them."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    if not is_main_process():
+        return
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, selected_adapters=["default"])  # not TRL's frozen "ref" copy
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
+    if not is_main_process():
+        return
     write_json_atomic(path, metrics)
     log.info("%s: %s", path, metrics)

@@ -101,10 +101,10 @@ def workspace(tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A workspace where every stage up to evaluate has run once on FAST params."""
-    from stages import dpo, evaluate, fetch, merge, prepare, sft
+    from stages import dpo, evaluate, fetch, merge, prepare, reference, sft
 
     root = make_workspace(tmp_path_factory.mktemp("trained"))
     with inside(root) as params:
-        for stage in (fetch, prepare, sft, dpo, merge, evaluate):
+        for stage in (fetch, prepare, sft, reference, dpo, merge, evaluate):
             stage.run(params)
     return root

@@ -125,7 +125,7 @@ def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     assert (repo / "models/merged/model.safetensors").is_file()
     assert json.loads((repo / "metrics/evaluate.json").read_text())["n_pairs"] == 64
     logs = "\n".join(run_logs(run.id))
-    for stage in ("fetch", "prepare", "sft", "dpo", "merge", "evaluate", "push"):
+    for stage in ("fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"):
         assert f"Running stage '{stage}'" in logs  # each stage's own output, streamed into the run log
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
                            text=True, check=True).stdout
@@ -140,7 +140,7 @@ def test_unchanged_inputs_find_every_stage_up_to_date(prefect):
     assert run.state.is_completed(), run.state
     logs = "\n".join(run_logs(run.id))
     assert "Running stage" not in logs
-    assert logs.count("didn't change, skipping") == 7
+    assert logs.count("didn't change, skipping") == 8
     assert time.monotonic() - started < 120
 
 

@@ -34,7 +34,7 @@ def clone(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_the_whole_pipeline_and_learns_the_preference(clone):
     out = sh(["dvc", "repro"], clone)
-    assert stages_run(out) == ["fetch", "prepare", "sft", "dpo", "merge", "evaluate", "push"]
+    assert stages_run(out) == ["fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"]
     metrics = json.loads((clone / "metrics/evaluate.json").read_text())
     assert metrics["rewards/accuracies"] >= 0.8, metrics
     assert metrics["rewards/margins"] > 0 and metrics["n_pairs"] >= 200
@@ -54,7 +54,7 @@ def test_changing_beta_reruns_dpo_and_what_follows_only(clone):
     git(clone, "add", "-A")
     git(clone, "commit", "-qm", "baseline run")
     out = sh(["dvc", "exp", "run", "--name", "beta-0.3", "-S", "dpo.beta=0.3"], clone)
-    assert stages_run(out) == ["dpo", "merge", "evaluate", "push"]
+    assert stages_run(out) == ["dpo", "merge", "evaluate", "push"]  # the reference log-probs are reused
     assert json.loads((clone / "metrics/dpo.json").read_text())["beta"] == 0.3
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=clone, capture_output=True, text=True, check=True)
     table = json.loads(shown.stdout)

@@ -35,13 +35,15 @@ def test_sft_and_dpo_write_adapters_and_metrics(trained):
     assert len((trained / "dvclive/sft/plots/metrics/loss.tsv").read_text().splitlines()) > 1
 
 
-def test_dpo_reference_is_the_sft_model_without_a_second_base(trained):
-    """The reference log-probs DPOTrainer uses are the SFT model's, before and after training,
-    while the policy moves; the base weights exist once (no ref_model)."""
+def test_dpo_reference_is_the_sft_model_without_a_second_base(trained, tmp_path):
+    """The reference log-probs dpo trains against are the SFT model's: stored by the reference
+    stage, read (not recomputed) by dpo, equal to TRL's own reference pass before and after
+    training, while the policy moves; the base weights exist once (no ref_model)."""
     with inside(trained) as params:
-        trainer = dpo.build_trainer(params, checkpoint=None)
+        trainer = dpo.build_trainer(params, dpo.dpo_config(params, tmp_path), checkpoint=None)
         trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
         eval_rows = pq.read_table(trained / "data/processed/dpo/eval").slice(0, 4).to_pylist()
+        stored = pq.read_table(trained / "data/processed/reference/eval").slice(0, 4)
         prompts = [r["prompt"] for r in eval_rows]
         chosen = [r["chosen"] for r in eval_rows]
         tokenizer = load_tokenizer("models/sft")
@@ -50,12 +52,15 @@ def test_dpo_reference_is_the_sft_model_without_a_second_base(trained):
         expected = response_logps(sft_model, tokenizer, prompts, chosen, 4)
         raw_base = response_logps(base_model, tokenizer, prompts, chosen, 4)
 
-        def reference_logps():
+        def reference_logps():  # TRL's own reference pass (the frozen copy of the SFT adapter)
             batch = next(iter(trainer.get_eval_dataloader()))
             ref_chosen, _ = trainer.compute_ref_log_probs(trainer.model, batch)
             return ref_chosen[:4].float()
 
         assert trainer.ref_model is None
+        stored_chosen = torch.tensor(stored.column("ref_chosen_logps").to_pylist())
+        assert torch.allclose(stored_chosen, expected, atol=1e-3)
+        assert trainer.eval_dataset["ref_chosen_logps"][:4] == stored.column("ref_chosen_logps").to_pylist()
         assert torch.allclose(reference_logps(), expected, atol=1e-3)
         assert not torch.allclose(expected, raw_base, atol=1e-2)  # SFT really moved away from the base
         trainer.train()
@@ -83,8 +88,9 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
         fetch.run(params)
         prepare.run(params)
     if stage == "dpo":
-        subprocess.run([sys.executable, "-m", "stages.sft"], cwd=ws, env=stage_env(), check=True,
-                       capture_output=True)
+        for before in ("sft", "reference"):
+            subprocess.run([sys.executable, "-m", f"stages.{before}"], cwd=ws, env=stage_env(), check=True,
+                           capture_output=True)
     cmd = [sys.executable, "-m", f"stages.{stage}"]
     proc = subprocess.Popen(cmd, cwd=ws, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -1,0 +1,42 @@
+"""reference: the DPO reference model's (the SFT model's) log-probs of every chosen and rejected
+answer of data/processed/dpo -> data/processed/reference/{train,eval}, row for row.
+
+They depend on the SFT adapter, the pairs and the tokenization only, so DVC keeps them while
+dpo.beta or the DPO training params change, and dpo reads them instead of running the reference
+model again. TRL's DPOTrainer computes them (precompute_ref_log_probs), exactly as it would in dpo.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+
+from stages import dpo
+from stages.cli import main
+from stages.outputs import atomic_dir, write_json_atomic
+from stages.params import Params
+from stages.paths import METRICS, REFERENCE
+
+
+def run(params: Params) -> dict:
+    datasets.disable_caching()  # TRL would otherwise also keep them in ~/.cache, outside what DVC tracks
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = dpo.build_trainer(params, dpo.dpo_config(params, Path(scratch)), None, with_reference=False)
+    metrics = {}
+    with atomic_dir(REFERENCE) as tmp:
+        for split, data in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+            table = data.select_columns(dpo.REFERENCE_COLUMNS).data.table
+            (tmp / split).mkdir()
+            pq.write_table(table, tmp / split / "part-00000.parquet")
+            metrics[split] = {"pairs": table.num_rows,
+                              "mean_ref_chosen_logp": float(table.column("ref_chosen_logps").to_numpy().mean()),
+                              "mean_ref_rejected_logp": float(table.column("ref_rejected_logps").to_numpy().mean())}
+    write_json_atomic(METRICS / "reference.json", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(run)
