@@ -33,8 +33,20 @@ class StoredReferenceDPOTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
-def load_pairs(with_reference: bool) -> DatasetDict:
+def training_pairs(params: Params) -> int:
+    """How many pairs the DPO run trains on: steps x the global batch (each pair once)."""
+    train = params.dpo.train
+    return (train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
+            * params.launch.num_processes)
+
+
+def load_pairs(params: Params, with_reference: bool) -> DatasetDict:
+    """The eval pairs, and a seeded random sample of the training pairs as large as the run
+    uses, so the reference stage computes log-probs only for pairs that will be trained on
+    (at full scale the rl split is far larger than 1000 steps x 16 pairs)."""
     pairs = load_splits(DPO_DATA)
+    train = pairs["train"].shuffle(seed=params.dpo.train.seed)
+    pairs["train"] = train.select(range(min(training_pairs(params), len(train)))).flatten_indices()
     if not with_reference:
         return pairs
     reference = load_splits(REFERENCE)
@@ -55,7 +67,7 @@ def build_trainer(params: Params, config: DPOConfig, checkpoint: Path | None, wi
         model=policy,
         ref_model=None,  # TRL switches to a frozen copy of the SFT adapter for any reference it computes
         args=config,
-        train_dataset=(data := load_pairs(with_reference))["train"],
+        train_dataset=(data := load_pairs(params, with_reference))["train"],
         eval_dataset=data["eval"],
         processing_class=tokenizer,
         callbacks=training.dvclive_callbacks("dpo", resume=checkpoint is not None) if with_reference else [],

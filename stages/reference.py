@@ -1,9 +1,11 @@
-"""reference: the DPO reference model's (the SFT model's) log-probs of every chosen and rejected
-answer of data/processed/dpo -> data/processed/reference/{train,eval}, row for row.
+"""reference: the DPO reference model's (the SFT model's) log-probs of the chosen and rejected
+answers dpo will use -> data/processed/reference/{train,eval}, row for row with dpo.load_pairs
+(every eval pair; the seeded sample of training pairs the run's steps will consume).
 
-They depend on the SFT adapter, the pairs and the tokenization only, so DVC keeps them while
-dpo.beta or the DPO training params change, and dpo reads them instead of running the reference
-model again. TRL's DPOTrainer computes them (precompute_ref_log_probs), exactly as it would in dpo.
+They depend on the SFT adapter, the pairs, the tokenization and that sample only, so DVC keeps
+them while dpo.beta, the learning rate or the schedule change, and dpo reads them instead of
+running the reference model again. TRL's DPOTrainer computes them (precompute_ref_log_probs),
+exactly as it would inside dpo.
 """
 
 from __future__ import annotations
