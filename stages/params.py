@@ -59,6 +59,7 @@ class PrepareParams(Section):
     max_length: int = Field(gt=0)
     sft_eval_fraction: float = Field(gt=0, lt=1)
     batch_rows: int = Field(10_000, gt=0)
+    num_proc: int | None = Field(None, gt=0)
 
 
 class LoraParams(Section):

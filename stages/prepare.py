@@ -6,13 +6,19 @@ chosen = response_j, rejected = response_k, SFT text = prompt + response_j. DPO 
 filtered by token counts of the base model's tokenizer, counted the way TRL's DPOTrainer
 tokenizes (prompt <= max_prompt_length, prompt + response + EOS <= max_length), so no pair is
 truncated in training. Every dropped row is counted by reason in metrics/prepare.json.
-Works batch by batch (pyarrow), so memory does not grow with the number of rows.
+Works batch by batch (pyarrow), so memory does not grow with the number of rows, and spreads
+the DPO batches over prepare.num_proc worker processes (tokenizing is the costly part); a
+text too long in characters to fit in tokens is dropped without being tokenized.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import Counter
+import multiprocessing
+import os
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +109,9 @@ def readable(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray]:
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema), bad
 
 
-def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None,
-                 seen_pairs: set[int] | None) -> tuple[pa.RecordBatch, list[tuple[str, np.ndarray]]]:
-    """The readable batch and, in order, each reason a row is dropped before tokenizing.
-    With `seen_pairs`, a pair (question, both answers) met before in the split is a duplicate
-    (DPO only: in SFT a question's best answer recurs once per pair, as in the real data)."""
+def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None
+                 ) -> tuple[pa.RecordBatch, list[tuple[str, np.ndarray]]]:
+    """The readable batch and, in order, each reason a row is dropped before tokenizing."""
     batch, bad_utf8 = readable(batch)
 
     def empty(name):
@@ -128,29 +132,65 @@ def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None,
     ]
     if eval_qids is not None:  # a question in the evaluation split must not be trained on
         reasons.append(("qid_in_evaluation", np.isin(batch.column("qid").to_numpy(False), eval_qids)))
-    if seen_pairs is not None:
-        duplicate = np.zeros(batch.num_rows, dtype=bool)
-        for i, pair in enumerate(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS))):
-            fingerprint = hash(pair)
-            duplicate[i] = fingerprint in seen_pairs
-            seen_pairs.add(fingerprint)
-        reasons.append(("duplicate_pair", duplicate))
     return batch, reasons
 
 
-def length_reasons(tokenizer, prompts, chosen, rejected, params: Params) -> list[tuple[str, np.ndarray]]:
-    def tokens(texts: list[str]) -> np.ndarray:
-        return np.array([len(ids) for ids in tokenizer(texts)["input_ids"]])
+def pair_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """A stable 64-bit hash of each (question, response_j, response_k), the same in every process."""
+    hashes = np.empty(batch.num_rows, dtype=np.uint64)
+    for i, pair in enumerate(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS))):
+        digest = hashlib.blake2b(digest_size=8)
+        for text in pair:
+            digest.update(b"\x00" if text is None else text.encode("utf-8", "surrogatepass") + b"\x01")
+        hashes[i] = int.from_bytes(digest.digest(), "little")
+    return hashes
 
-    def with_answer(answers: list[str]) -> np.ndarray:  # prompt + answer + EOS, as DPOTrainer tokenizes it
-        return tokens([p + a + tokenizer.eos_token for p, a in zip(prompts, answers)])
 
-    limit = params.prepare.max_length
-    return [
-        ("prompt_too_long", tokens(prompts) > params.prepare.max_prompt_length),
-        ("chosen_too_long", with_answer(chosen) > limit),
-        ("rejected_too_long", with_answer(rejected) > limit),
-    ]
+class SeenPairs:
+    """The pairs met so far in a split, as a sorted array of 8-byte hashes (not Python objects)."""
+
+    def __init__(self):
+        self.sorted = np.empty(0, dtype=np.uint64)
+
+    def duplicates(self, hashes: np.ndarray) -> np.ndarray:
+        """Which rows repeat a pair met before (in earlier batches or earlier in this one); adds the new ones."""
+        unique, first = np.unique(hashes, return_index=True)
+        duplicate = np.ones(len(hashes), dtype=bool)
+        duplicate[first] = False
+        at = np.searchsorted(self.sorted, unique)
+        seen = (at < len(self.sorted)) & (self.sorted[np.minimum(at, len(self.sorted) - 1)] == unique) \
+            if len(self.sorted) else np.zeros(len(unique), dtype=bool)
+        duplicate[first[seen]] = True
+        self.sorted = np.insert(self.sorted, at[~seen], unique[~seen])
+        return duplicate
+
+
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token stands for: a text of more than
+    limit x this many characters cannot fit in `limit` tokens, so it need not be tokenized."""
+    return max(len(tokenizer.decode([i])) for i in range(len(tokenizer))) + 1
+
+
+def length_reasons(tokenizer, prompts, chosen, rejected, params: Params, max_chars: int
+                   ) -> list[tuple[str, np.ndarray]]:
+    """prompt_too_long, chosen_too_long, rejected_too_long, each computed only for the rows the
+    earlier ones kept (a row is counted under its first reason)."""
+
+    def too_long(texts: list[str], todo: np.ndarray, limit: int) -> np.ndarray:
+        bad = np.zeros(len(texts), dtype=bool)
+        fits = [i for i in np.flatnonzero(todo) if len(texts[i]) <= limit * max_chars]
+        bad[todo] = True  # too many characters to fit, unless tokenized below
+        if fits:
+            counts = np.array([len(ids) for ids in tokenizer([texts[i] for i in fits])["input_ids"]])
+            bad[fits] = counts > limit
+        return bad
+
+    eos = tokenizer.eos_token  # prompt + answer + EOS, as DPOTrainer tokenizes it
+    prompt_long = too_long(prompts, np.ones(len(prompts), dtype=bool), params.prepare.max_prompt_length)
+    chosen_long = too_long([p + a + eos for p, a in zip(prompts, chosen)], ~prompt_long, params.prepare.max_length)
+    rejected_long = too_long([p + a + eos for p, a in zip(prompts, rejected)], ~prompt_long & ~chosen_long,
+                             params.prepare.max_length)
+    return [("prompt_too_long", prompt_long), ("chosen_too_long", chosen_long), ("rejected_too_long", rejected_long)]
 
 
 def is_sft_eval(qids: np.ndarray, fraction: float) -> np.ndarray:
@@ -164,7 +204,7 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     train = ShardWriter(out / "train", SFT_SCHEMA, params.fetch.shard_rows)
     evaluation = ShardWriter(out / "eval", SFT_SCHEMA, params.fetch.shard_rows)
     for batch in raw_batches("finetune", params.prepare.batch_rows):
-        batch, reasons = text_reasons(batch, eval_qids, seen_pairs=None)
+        batch, reasons = text_reasons(batch, eval_qids)
         keep = drops.keep(batch.num_rows, reasons)
         batch = batch.filter(pa.array(keep))
         prompts = seed_prompts(batch.column("question").to_pylist())
@@ -177,30 +217,71 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     return {**drops.summary(), "train": train.rows, "eval": evaluation.rows}
 
 
-def prepare_dpo(params: Params, tokenizer, split: str, eval_qids: np.ndarray | None, folder: Path) -> dict:
+_worker: dict = {}  # what each worker process holds: the tokenizer, params, evaluation qids
+
+
+def _start_worker(params: Params, eval_qids: np.ndarray | None) -> None:
+    tokenizer = load_tokenizer(params.model.name_or_path)
+    _worker.update(tokenizer=tokenizer, params=params, eval_qids=eval_qids, max_chars=max_token_chars(tokenizer))
+
+
+def assess_dpo_batch(batch: pa.RecordBatch) -> tuple[int, pa.Table, np.ndarray, list, np.ndarray]:
+    """One batch's work that needs no other batch: (rows, the seed-mapped pairs of the rows
+    with valid text, which those are, the drop reasons, the pair hashes)."""
+    batch, reasons = text_reasons(batch, _worker["eval_qids"])
+    valid = ~np.logical_or.reduce([bad for _, bad in reasons])
+    pairs = pa.table(
+        {
+            "prompt": seed_prompts(batch.column("question").filter(pa.array(valid)).to_pylist()),
+            "chosen": batch.column("response_j").filter(pa.array(valid)),
+            "rejected": batch.column("response_k").filter(pa.array(valid)),
+        },
+        schema=DPO_SCHEMA,
+    )
+    texts = (pairs.column(c).to_pylist() for c in DPO_SCHEMA.names)
+    for reason, too_long in length_reasons(_worker["tokenizer"], *texts, _worker["params"], _worker["max_chars"]):
+        bad = np.zeros(batch.num_rows, dtype=bool)
+        bad[valid] = too_long
+        reasons.append((reason, bad))
+    return batch.num_rows, pairs, valid, reasons, pair_hashes(batch)
+
+
+def in_order(fn, items, workers: int, start, start_args):
+    """fn over items in order: in this process, or in `workers` processes with a bounded
+    number of batches in flight (memory stays flat however many rows there are)."""
+    if workers == 1:
+        start(*start_args)
+        yield from map(fn, items)
+        return
+    context = multiprocessing.get_context("fork")  # the workers inherit the imported modules
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start, initargs=start_args) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def prepare_dpo(params: Params, split: str, eval_qids: np.ndarray | None, folder: Path) -> dict:
     drops = Drops()
     writer = ShardWriter(folder, DPO_SCHEMA, params.fetch.shard_rows)
-    seen_pairs: set[int] = set()
-    for batch in raw_batches(split, params.prepare.batch_rows):
-        batch, reasons = text_reasons(batch, eval_qids, seen_pairs)
-        valid = ~np.logical_or.reduce([bad for _, bad in reasons])
-        pairs = pa.table(
-            {
-                "prompt": seed_prompts(batch.column("question").filter(pa.array(valid)).to_pylist()),
-                "chosen": batch.column("response_j").filter(pa.array(valid)),
-                "rejected": batch.column("response_k").filter(pa.array(valid)),
-            },
-            schema=DPO_SCHEMA,
-        )
-        for reason, too_long in length_reasons(tokenizer, *(pairs.column(c).to_pylist() for c in DPO_SCHEMA.names),
-                                               params):
-            bad = np.zeros(batch.num_rows, dtype=bool)
-            bad[valid] = too_long
-            reasons.append((reason, bad))
-        keep = drops.keep(batch.num_rows, reasons)
+    seen = SeenPairs()
+    batches = raw_batches(split, params.prepare.batch_rows)
+    for rows, pairs, valid, reasons, hashes in in_order(assess_dpo_batch, batches, num_workers(params),
+                                                         _start_worker, (params, eval_qids)):
+        duplicate = seen.duplicates(hashes)  # needs every earlier batch, so it is decided here
+        position = next(i for i, (reason, _) in enumerate(reasons) if reason == "prompt_too_long")
+        reasons.insert(position, ("duplicate_pair", duplicate))
+        keep = drops.keep(rows, reasons)
         writer.write(pairs.filter(pa.array(keep[valid])))
     writer.close()
     return drops.summary()
+
+
+def num_workers(params: Params) -> int:
+    return params.prepare.num_proc or os.cpu_count() or 1
 
 
 def check_not_empty(metrics: dict) -> None:
@@ -214,15 +295,15 @@ def check_not_empty(metrics: dict) -> None:
 
 
 def run(params: Params) -> dict:
-    tokenizer = load_tokenizer(params.model.name_or_path)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
     eval_qids = np.unique(
         np.concatenate([b.column("qid").to_numpy(False) for b in raw_batches("evaluation", params.prepare.batch_rows)])
     )
     metrics: dict = {}
     with atomic_dir(SFT_DATA) as sft_tmp, atomic_dir(DPO_DATA) as dpo_tmp:
         metrics["sft"] = prepare_sft(params, eval_qids, sft_tmp)
-        metrics["dpo/train"] = prepare_dpo(params, tokenizer, "rl", eval_qids, dpo_tmp / "train")
-        metrics["dpo/eval"] = prepare_dpo(params, tokenizer, "evaluation", None, dpo_tmp / "eval")
+        metrics["dpo/train"] = prepare_dpo(params, "rl", eval_qids, dpo_tmp / "train")
+        metrics["dpo/eval"] = prepare_dpo(params, "evaluation", None, dpo_tmp / "eval")
         check_not_empty(metrics)
     write_json_atomic(METRICS / "prepare.json", metrics)
     for name, counts in metrics.items():
