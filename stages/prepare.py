@@ -171,6 +171,17 @@ def max_token_chars(tokenizer) -> int:
     return max(len(tokenizer.decode([i])) for i in range(len(tokenizer))) + 1
 
 
+def token_counts(tokenizer, texts: list[str], chunk: int = 256) -> np.ndarray:
+    """len(tokenizer(text)["input_ids"]) of each text, special tokens included, from the fast
+    tokenizer's own encodings in small chunks: no Python lists of ids, so memory stays small."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()  # count every token, whatever a tokenizer.json sets
+    backend.no_padding()
+    encode = backend.encode_batch
+    return np.array([len(encoding) for start in range(0, len(texts), chunk)
+                     for encoding in encode(texts[start:start + chunk], add_special_tokens=True)], dtype=np.int64)
+
+
 def length_reasons(tokenizer, prompts, chosen, rejected, params: Params, max_chars: int
                    ) -> list[tuple[str, np.ndarray]]:
     """prompt_too_long, chosen_too_long, rejected_too_long, each computed only for the rows the
@@ -181,8 +192,7 @@ def length_reasons(tokenizer, prompts, chosen, rejected, params: Params, max_cha
         fits = [i for i in np.flatnonzero(todo) if len(texts[i]) <= limit * max_chars]
         bad[todo] = True  # too many characters to fit, unless tokenized below
         if fits:
-            counts = np.array([len(ids) for ids in tokenizer([texts[i] for i in fits])["input_ids"]])
-            bad[fits] = counts > limit
+            bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit
         return bad
 
     eos = tokenizer.eos_token  # prompt + answer + EOS, as DPOTrainer tokenizes it
