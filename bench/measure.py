@@ -70,7 +70,8 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
 def machine() -> str:
     cpus = psutil.cpu_count(logical=True)
     memory = psutil.virtual_memory().total / GIB
-    return f"{platform.processor() or platform.machine()}, {cpus} CPUs, {memory:.0f} GiB RAM, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {cpus} CPUs, {memory:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -84,3 +85,17 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def verdict(name: str, value: float, goal: str, met: bool) -> str:
     return f"- {name}: {value:.3g} (goal {goal}): {'MET' if met else 'NOT MET'}"
+
+
+def fresh_clone(dest: Path) -> Path:
+    """A clone of this repository's committed HEAD, as a user would start from."""
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    return dest
+
+
+def dvc(clone: Path, *args: str) -> Measured:
+    return run([sys.executable, "-m", "dvc", *args], clone)

@@ -1,0 +1,40 @@
+"""The benchmarks' own pieces: synthetic data in the dataset's exact schema and layout, and the
+pipeline reading it like the Hub dataset."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bench.data import make_mirror, project_workspace
+from stages import fetch, prepare
+from stages.prepare import SeenPairs
+from tests.conftest import inside
+
+
+def test_synthetic_mirror_has_the_schema_layout_and_lengths_of_the_dataset(tmp_path):
+    mirror = make_mirror(tmp_path / "mirror", 3000)
+    shards = sorted((mirror / "data/rl").glob("train-*-of-*.parquet"))
+    table = pq.read_table(shards[0])
+    assert table.schema == fetch.SCHEMA and sum(pq.read_metadata(p).num_rows for p in shards) == 3000
+    for split in ("finetune", "evaluation"):
+        assert list((mirror / "data" / split).glob("train-*.parquet"))
+    for column in ("question", "response_j", "response_k"):
+        lengths = pc.utf8_length(table.column(column)).to_numpy()
+        assert 500 <= np.median(lengths) <= 5000 and lengths.min() >= 500
+    assert any("```" in text for text in table.column("response_j").to_pylist()[:50])
+    pairs_per_question = np.unique(table.column("qid").to_numpy(), return_counts=True)[1]
+    assert set(pairs_per_question) <= {1, 2, 3} and pairs_per_question.max() > 1
+    ws = project_workspace(tmp_path / "ws", mirror, num_proc=1, rl_cap=500)
+    with inside(ws) as params:
+        assert fetch.run(params)["rl"] == 500
+        counts = prepare.run(params)["dpo/train"]
+    assert counts["input"] == 500 == counts["kept"] + sum(counts["dropped"].values()) and counts["kept"] > 0
+
+
+def test_seen_pairs_flags_repeats_within_and_across_batches():
+    seen = SeenPairs()
+    first = seen.duplicates(np.array([5, 3, 5, 9], dtype=np.uint64))
+    second = seen.duplicates(np.array([9, 1, 1, 4], dtype=np.uint64))
+    assert first.tolist() == [False, False, True, False]
+    assert second.tolist() == [True, False, True, False]
+    assert seen.sorted.tolist() == [1, 3, 4, 5, 9]
