@@ -45,13 +45,18 @@ def seed_prompts(questions: list[str]) -> list[str]:
     return ["Question: " + question + "\n\nAnswer: " for question in questions]
 
 
-def raw_batches(split: str, batch_rows: int):
-    """Record batches of a raw split, checked for the columns the mapping needs."""
+def raw_shards(split: str):
+    """(path, ParquetFile) of each shard of a raw split, checked for the columns the mapping needs."""
     for path in parquet_files(RAW / split):
         file = pq.ParquetFile(path)
         missing = [c for c in REQUIRED if c not in file.schema_arrow.names]
         if missing:
             raise InvalidInput(f"{path}: missing columns {missing}; expected the columns {RAW_SCHEMA.names}")
+        yield path, file
+
+
+def raw_batches(split: str, batch_rows: int):
+    for _, file in raw_shards(split):
         yield from file.iter_batches(batch_size=batch_rows, columns=REQUIRED)
 
 
@@ -236,8 +241,8 @@ def _start_worker(params: Params, eval_qids: np.ndarray | None) -> None:
 
 
 def assess_dpo_batch(batch: pa.RecordBatch) -> tuple[int, pa.Table, np.ndarray, list, np.ndarray]:
-    """One batch's work that needs no other batch: (rows, the seed-mapped pairs of the rows
-    with valid text, which those are, the drop reasons, the pair hashes)."""
+    """One batch's work that needs no other batch: (rows, the seed-mapped pairs that pass every
+    check but the duplicate one, which rows those are, the drop reasons, the pair hashes)."""
     batch, reasons = text_reasons(batch, _worker["eval_qids"])
     valid = ~np.logical_or.reduce([bad for _, bad in reasons])
     pairs = pa.table(
@@ -249,11 +254,34 @@ def assess_dpo_batch(batch: pa.RecordBatch) -> tuple[int, pa.Table, np.ndarray, 
         schema=DPO_SCHEMA,
     )
     texts = (pairs.column(c).to_pylist() for c in DPO_SCHEMA.names)
+    fits = np.ones(len(pairs), dtype=bool)
     for reason, too_long in length_reasons(_worker["tokenizer"], *texts, _worker["params"], _worker["max_chars"]):
         bad = np.zeros(batch.num_rows, dtype=bool)
         bad[valid] = too_long
         reasons.append((reason, bad))
-    return batch.num_rows, pairs, valid, reasons, pair_hashes(batch)
+        fits &= ~too_long
+    passing = valid.copy()
+    passing[valid] = fits
+    return batch.num_rows, pairs.filter(pa.array(fits)), passing, reasons, pair_hashes(batch)
+
+
+def assess_row_group(task: tuple[str, int]) -> tuple[int, pa.Table, np.ndarray, list, np.ndarray]:
+    """assess_dpo_batch over one row group of a raw shard, read by the worker itself (only the
+    pairs that may be kept travel back), in batches of at most prepare.batch_rows."""
+    path, group = task
+    file = pq.ParquetFile(path)
+    parts = [assess_dpo_batch(batch) for batch in
+             file.iter_batches(batch_size=_worker["params"].prepare.batch_rows, row_groups=[group], columns=REQUIRED)]
+    if not parts:
+        return 0, DPO_SCHEMA.empty_table(), np.zeros(0, bool), [], np.zeros(0, np.uint64)
+    reasons = [(name, np.concatenate([part[3][i][1] for part in parts])) for i, (name, _) in enumerate(parts[0][3])]
+    return (sum(part[0] for part in parts), pa.concat_tables([part[1] for part in parts]),
+            np.concatenate([part[2] for part in parts]), reasons, np.concatenate([part[4] for part in parts]))
+
+
+def row_groups(split: str) -> list[tuple[str, int]]:
+    """(shard, row group) of a raw split: the units of work handed to the workers."""
+    return [(str(path), group) for path, file in raw_shards(split) for group in range(file.num_row_groups)]
 
 
 def in_order(fn, items, workers: int, start, start_args):
@@ -278,14 +306,15 @@ def prepare_dpo(params: Params, split: str, eval_qids: np.ndarray | None, folder
     drops = Drops()
     writer = ShardWriter(folder, DPO_SCHEMA, params.fetch.shard_rows)
     seen = SeenPairs()
-    batches = raw_batches(split, params.prepare.batch_rows)
-    for rows, pairs, valid, reasons, hashes in in_order(assess_dpo_batch, batches, num_workers(params),
-                                                         _start_worker, (params, eval_qids)):
+    for rows, pairs, passing, reasons, hashes in in_order(assess_row_group, row_groups(split), num_workers(params),
+                                                           _start_worker, (params, eval_qids)):
+        if not rows:
+            continue
         duplicate = seen.duplicates(hashes)  # needs every earlier batch, so it is decided here
         position = next(i for i, (reason, _) in enumerate(reasons) if reason == "prompt_too_long")
         reasons.insert(position, ("duplicate_pair", duplicate))
         keep = drops.keep(rows, reasons)
-        writer.write(pairs.filter(pa.array(keep[valid])))
+        writer.write(pairs.filter(pa.array(keep[passing])))
     writer.close()
     return drops.summary()
 
