@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint exp-full sample-data tiny-model
+.PHONY: install run test lint bench exp-full sample-data tiny-model
 
 install: $(STAMP)
 
@@ -26,7 +26,15 @@ test: $(STAMP)  ## every test, the slow end-to-end ones included
 	pytest
 
 lint: $(STAMP)
-	ruff check stages scripts tests
+	ruff check stages flows scripts tests bench
+
+bench: $(STAMP)  ## every benchmark (about 40 min on 2 CPUs; bench.gpu only where CUDA exists); see BENCHMARKS.md
+	python -m bench.pipeline
+	python -m bench.beta_sweep
+	python -m bench.sft_packing
+	python -m bench.dpo_memory
+	python -m bench.data
+	python -m bench.gpu
 
 exp-full: $(STAMP)  ## the recipe's full-scale profile (Llama-2-7B, QLoRA) as the DVC experiment llama2-7b
 	python -m stages.params --profile profiles/llama2-7b.yaml --run-exp llama2-7b

@@ -8,6 +8,8 @@ unknown key, a wrong type, beta/learning rate/LoRA r <= 0, batch size 0 (test_pa
 """
 
 import shutil
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ import pytest
 from stages import fetch, prepare
 from stages.modeling import load_base_model, load_tokenizer
 from stages.params import InvalidInput
-from tests.conftest import REPO, inside, make_workspace
+from tests.conftest import REPO, inside, make_workspace, stage_env
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired"
 
@@ -127,3 +129,25 @@ def test_4bit_without_cuda_is_a_clear_error():
     model = ModelParams(name_or_path=str(REPO / "data/sample/tiny-llama"), quantization="4bit")
     with pytest.raises(InvalidInput, match="needs CUDA .* set model.quantization: none"):
         load_base_model(model)
+
+
+def test_more_processes_than_devices_is_refused_before_any_work(tmp_path):
+    ws = make_workspace(tmp_path, {"launch": {"num_processes": 512}})
+    result = subprocess.run([sys.executable, "-m", "stages.sft"], cwd=ws, env=stage_env(), capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "launch.num_processes = 512: this machine has" in result.stderr and "at most one process per device" \
+        in result.stderr
+    assert not (ws / "checkpoints").exists()
+
+
+def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    shard = ws / "data/processed/reference/eval/part-00000.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 5), shard)  # a stale reference of other pairs
+    from stages import dpo
+
+    with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs of "
+                                                                    r"data/processed/dpo/eval; rerun the reference"):
+        dpo.load_pairs(params, with_reference=True)
