@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from dvclive import Live
+from transformers import TrainerState
 from transformers.integrations import DVCLiveCallback
 
 from stages.outputs import atomic_dir, write_json_atomic
@@ -105,7 +106,15 @@ def dvclive_callbacks(stage: str, resume: bool) -> list[DVCLiveCallback]:
 
 def train(trainer, checkpoint: Path | None) -> dict:
     """Train (resuming when a checkpoint is given) and return the summary metrics."""
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and int(checkpoint.name.split("-")[1]) >= trainer.args.max_steps:
+        # Killed after its last checkpoint: training is done. (Resuming from it, the trainer
+        # would run one step past max_steps.) Take the weights and state from the checkpoint.
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        runtime = 0.0
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        runtime = result.metrics.get("train_runtime", 0.0)
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if evals and evals[-1]["step"] == trainer.state.global_step:
         evaluation = evals[-1]  # the trainer just evaluated the final weights
@@ -122,7 +131,7 @@ def train(trainer, checkpoint: Path | None) -> dict:
         "global_step": trainer.state.global_step,
         "num_processes": trainer.args.world_size,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else 0,
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 3),
+        "train_runtime_s": round(runtime, 3),
         "train": summary(train_logs[-1] if train_logs else {}),
         "eval": summary(evaluation, "eval_"),
     }

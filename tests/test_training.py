@@ -80,8 +80,10 @@ def _wait_for(path, proc, timeout=120):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
+@pytest.mark.parametrize("stage, kill_after", [("sft", 4), ("dpo", 4), ("sft", 12), ("dpo", 12)])
+def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage, kill_after):
+    """Killed once checkpoint `kill_after` is saved (12: the last one, before the adapter is
+    written), the rerun resumes from the latest complete checkpoint and ends at step 12."""
     steps = {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "save_total_limit": 10}
     ws = make_workspace(tmp_path, {"sft": {"train": steps}, "dpo": {"train": steps}})
     with inside(ws) as params:
@@ -94,13 +96,14 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
     cmd = [sys.executable, "-m", f"stages.{stage}"]
     proc = subprocess.Popen(cmd, cwd=ws, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    _wait_for(ws / "checkpoints" / stage / "checkpoint-4" / "trainer_state.json", proc)
+    _wait_for(ws / "checkpoints" / stage / f"checkpoint-{kill_after}" / "trainer_state.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (ws / "models" / stage).exists()  # killed: no output at all, not a partial one
+    if kill_after < 12:
+        assert not (ws / "models" / stage).exists()  # killed: no output at all, not a partial one
     done = sorted(int(p.name.split("-")[1]) for p in (ws / "checkpoints" / stage).glob("checkpoint-*")
                   if (p / "trainer_state.json").exists())
-    assert 4 <= done[-1] < 12
+    assert kill_after <= done[-1] <= 12
     rerun = subprocess.run(cmd, cwd=ws, env=stage_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming from checkpoints/{stage}/checkpoint-{done[-1]} (global step {done[-1]})" in rerun.stderr
@@ -109,6 +112,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage):
     state = json.loads((ws / "checkpoints" / stage / "checkpoint-12" / "trainer_state.json").read_text())
     logged_steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert logged_steps == sorted(set(logged_steps))  # finished steps were not redone
+    assert not (ws / "checkpoints" / stage / "checkpoint-13").exists()  # and none was added past the end
 
 
 def test_changed_inputs_do_not_resume_old_checkpoints(tmp_path):
