@@ -1,8 +1,8 @@
 """dpo: Direct Preference Optimization with TRL's DPOTrainer on data/processed/dpo -> models/dpo.
 
 The policy starts from the SFT adapter (base + models/sft, trainable). No reference model is
-loaded: the reference is the SFT model, and its log-probs of every pair were computed once by
-the reference stage (data/processed/reference), so the base weights are held in memory once
+loaded: the reference is the SFT model, and its log-probs of the pairs this run uses were
+computed once by the reference stage (data/processed/reference), so the base weights are held in memory once
 (the recipe loaded a second full model) and a new dpo.beta reuses them. models/dpo is the SFT
 adapter trained further by DPO: merging it applies both stages.
 """
