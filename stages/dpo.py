@@ -2,9 +2,9 @@
 
 The policy starts from the SFT adapter (base + models/sft, trainable). No reference model is
 loaded: the reference is the SFT model, and its log-probs of the pairs this run uses were
-computed once by the reference stage (data/processed/reference), so the base weights are held in memory once
-(the recipe loaded a second full model) and a new dpo.beta reuses them. models/dpo is the SFT
-adapter trained further by DPO: merging it applies both stages.
+computed once by the reference stage (data/processed/reference), so the base weights are held
+in memory once (the recipe loaded a second full model) and a new dpo.beta reuses them.
+models/dpo is the SFT adapter trained further by DPO: merging it applies both stages.
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ def small_clone(root: Path) -> Path:
     return clone
 
 
+def assert_up_to_date(root: Path, *stages: str) -> None:
+    assert dvc(root, "status", "--json", *stages).stdout.strip() in ("{}", "")
+
+
 def start_dvc(root: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,7 +177,7 @@ def test_each_stage_killed_at_a_random_moment_reruns_to_the_uninterrupted_result
         assert leftovers(clone) == []
         for rel in OUTPUTS[stage]:
             assert_same(rel, clone, reference)
-        assert dvc(clone, "status", "--json", stage).stdout.strip() in ("{}", "")
+        assert_up_to_date(clone, stage)
     dvc(clone, "repro", "--single-item", "evaluate")
     ours, theirs = (json.loads((root / "metrics/evaluate.json").read_text()) for root in (clone, reference))
     assert ours["n_pairs"] == theirs["n_pairs"]
@@ -204,7 +208,7 @@ def test_two_dvc_repro_on_one_workspace(tmp_path):
     first_out, _ = first.communicate()
     assert first.returncode == 0, first_out
     assert "Data and pipelines are up to date." in dvc(clone, "repro").stdout
-    assert dvc(clone, "status", "--json").stdout.strip() in ("{}", "")
+    assert_up_to_date(clone)
     assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
 
 
@@ -244,7 +248,7 @@ def test_two_flow_runs_in_separate_workspaces_share_one_dvc_cache(harness, tmp_p
     cached_outs = {out for stage in dvc_yaml.values() for out in stage.get("outs", []) if isinstance(out, str)}
     assert {"data/raw", "data/processed/dpo", "models/sft", "models/merged"} <= cached_outs
     for clone, lock in zip(clones, locks):
-        assert dvc(clone, "status", "--json").stdout.strip() in ("{}", "")
+        assert_up_to_date(clone)
         assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
         for stage in lock.values():
             for out in stage.get("outs", []):
