@@ -6,9 +6,10 @@ tokenizer_config.json, README.md), so the stages load it with the same
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` calls that load
 meta-llama/Llama-2-7b-hf. Like Llama-2 it has <s>, </s> and <unk> and no pad token.
 
-It is briefly pre-trained on the finetune split of the bundled sample (questions with both
-their answers, so the base has no preference of its own), so that SFT and DPO start from a
-model that already knows the text, as the 7B model does.
+Its tokenizer is trained on the finetune and rl splits' texts; the model is briefly pre-trained
+on the finetune split only (questions with both their answers), so that SFT and DPO start from a
+model that knows the format and the language, as the 7B model does, but has no preference on
+the problems the rl and evaluation splits ask about.
 
     python scripts/make_tiny_model.py [--data data/sample/stack-exchange-paired] \
         [--out data/sample/tiny-llama] [--seed 1234] [--steps 400]
@@ -46,8 +47,8 @@ tests; it is not useful for anything else. Final pre-training loss: {loss:.3f}.
 """
 
 
-def corpus(data_dir: Path) -> list[str]:
-    table = pq.read_table(data_dir / "data" / "finetune")
+def corpus(data_dir: Path, split: str) -> list[str]:
+    table = pq.read_table(data_dir / "data" / split)
     rows = table.select(["question", "response_j", "response_k"]).to_pylist()
     return [f"Question: {r['question']}\n\nAnswer: {r[key]}" for r in rows for key in ("response_j", "response_k")]
 
@@ -92,8 +93,10 @@ def main() -> None:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    texts = corpus(Path(args.data))
-    tokenizer = train_tokenizer(texts)
+    texts = corpus(Path(args.data), "finetune")
+    # The tokenizer knows the words of the training splits, as a real one knows the language; the
+    # model is pre-trained on the finetune split only, so it has no preference on the rl problems.
+    tokenizer = train_tokenizer(texts + corpus(Path(args.data), "rl"))
     config = LlamaConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False, **ARCH,

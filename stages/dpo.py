@@ -9,19 +9,22 @@ models/dpo is the SFT adapter trained further by DPO: merging it applies both st
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from datasets import DatasetDict, concatenate_datasets
+from transformers.integrations import DVCLiveCallback
 from trl import DPOConfig, DPOTrainer
 
 from stages import training
 from stages.cli import main
 from stages.modeling import load_adapter_model, load_tokenizer
-from stages.outputs import load_splits
+from stages.pairs import REFERENCE_COLUMNS, load_pairs
+from stages.pairs import with_reference as with_stored_reference
 from stages.params import InvalidInput, Params
 from stages.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFERENCE, SFT_ADAPTER
 
-REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+GUARD_PAIRS = 16        # eval pairs scored before the first step of a fresh run
+GUARD_TOLERANCE = 0.02  # |loss - ln 2| and |mean reward| allowed there (numeric noise only)
 
 
 class StoredReferenceDPOTrainer(DPOTrainer):
@@ -33,42 +36,20 @@ class StoredReferenceDPOTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
-def training_pairs(params: Params) -> int:
-    """How many pairs the DPO run trains on: steps x the global batch (each pair once)."""
-    train = params.dpo.train
-    return (train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
-            * params.launch.num_processes)
-
-
-def load_pairs(params: Params, with_reference: bool) -> DatasetDict:
-    """The eval pairs, and a seeded random sample of the training pairs as large as the run
-    uses, so the reference stage computes log-probs only for pairs that will be trained on
-    (at full scale the rl split is far larger than 1000 steps x 16 pairs)."""
-    pairs = load_splits(DPO_DATA)
-    train = pairs["train"].shuffle(seed=params.dpo.train.seed)
-    pairs["train"] = train.select(range(min(training_pairs(params), len(train)))).flatten_indices()
-    if not with_reference:
-        return pairs
-    reference = load_splits(REFERENCE)
-    for split in pairs:
-        if len(reference[split]) != len(pairs[split]):
-            raise InvalidInput(f"{REFERENCE / split}: {len(reference[split])} rows for the {len(pairs[split])} pairs "
-                               f"of {DPO_DATA / split}; rerun the reference stage (dvc repro reference)")
-        pairs[split] = concatenate_datasets([pairs[split], reference[split]], axis=1)
-    return pairs
-
-
 def build_trainer(params: Params, config: DPOConfig, checkpoint: Path | None, with_reference: bool = True):
     """The DPO trainer; without `with_reference` it computes the reference log-probs itself at start."""
     tokenizer = load_tokenizer(SFT_ADAPTER)
     policy = load_adapter_model(params.model, SFT_ADAPTER, trainable=True)
     policy.config.use_cache = False
+    pairs = load_pairs(params)
+    if with_reference:
+        pairs = with_stored_reference(pairs)
     return StoredReferenceDPOTrainer(
         model=policy,
         ref_model=None,  # TRL switches to a frozen copy of the SFT adapter for any reference it computes
         args=config,
-        train_dataset=(data := load_pairs(params, with_reference))["train"],
-        eval_dataset=data["eval"],
+        train_dataset=pairs["train"],
+        eval_dataset=pairs["eval"],
         processing_class=tokenizer,
         callbacks=training.dvclive_callbacks("dpo", resume=checkpoint is not None) if with_reference else [],
     )
@@ -84,6 +65,27 @@ def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
     )
 
 
+def check_policy_equals_reference(trainer) -> dict:
+    """Before the first step of a fresh run the policy is the SFT model, so on any pairs the DPO
+    loss is ln 2 and the rewards are 0. Anything else means the stored reference is not the SFT
+    model's or does not belong to these rows: stop before training on it."""
+    live = trainer.pop_callback(DVCLiveCallback)  # a check, not a point of the training curves
+    pairs = trainer.eval_dataset.select(range(min(GUARD_PAIRS, len(trainer.eval_dataset))))
+    trainer.evaluate(eval_dataset=pairs)
+    found = trainer.state.log_history.pop()  # nor of the trainer's history; TRL's metrics are logged, not returned
+    if live is not None:
+        trainer.add_callback(live)
+    guard = {key: found[f"eval_{key}"] for key in ("loss", "rewards/chosen", "rewards/rejected")}
+    if (abs(guard["loss"] - math.log(2)) > GUARD_TOLERANCE
+            or max(abs(guard["rewards/chosen"]), abs(guard["rewards/rejected"])) > GUARD_TOLERANCE):
+        raise InvalidInput(
+            f"dpo: before training, where the policy is the SFT model, the loss on {len(pairs)} eval pairs is "
+            f"{guard['loss']:.4f} (expected ln 2 = 0.6931) and the mean rewards are {guard['rewards/chosen']:.4f} / "
+            f"{guard['rewards/rejected']:.4f} (expected 0): the stored reference log-probs ({REFERENCE}) are not the "
+            f"SFT model's ({SFT_ADAPTER}) or do not belong to these rows; rerun `dvc repro reference`")
+    return guard
+
+
 def run(params: Params) -> dict:
     inputs_hash = training.fingerprint(
         [params.model, params.dpo, params.prepare], [DPO_DATA, REFERENCE, SFT_ADAPTER, Path(params.model.name_or_path)]
@@ -91,7 +93,8 @@ def run(params: Params) -> dict:
     config = dpo_config(params, CHECKPOINTS / "dpo")
     checkpoint = training.checkpoint_to_resume(config, CHECKPOINTS / "dpo", inputs_hash)
     trainer = build_trainer(params, config, checkpoint)
-    metrics = {"beta": params.dpo.beta, **training.train(trainer, checkpoint)}
+    guard = check_policy_equals_reference(trainer) if checkpoint is None else None
+    metrics = {"beta": params.dpo.beta, "start_check": guard, **training.train(trainer, checkpoint)}
     training.save_adapter(trainer, trainer.processing_class, DPO_ADAPTER)
     training.write_metrics(METRICS / "dpo.json", metrics)
     return metrics

@@ -1,33 +1,71 @@
-"""evaluate: the final model (models/merged) against the SFT model (base + models/sft) as
-reference, on the held-out evaluation split (data/processed/dpo/eval) -> metrics/evaluate.json
-and reports/evaluate.md.
+"""evaluate: the final model (models/merged) against the SFT model as reference, on the
+held-out evaluation split (data/processed/dpo/eval) -> metrics/evaluate.json and
+reports/evaluate.md.
 
 rewards = beta * (log pi(y|x) - log pi_sft(y|x)), the implicit DPO reward; accuracy is how often
-the chosen answer's reward beats the rejected one's. The two models are loaded one after the
-other, so only one is in memory at a time.
+the chosen answer's reward beats the rejected one's, with a 95% Wilson interval. Beside it, the
+baselines it must beat: the longer answer preferred (baseline/length_accuracy), the answer with
+a code block preferred (baseline/code_block_accuracy) and the SFT model's own preference,
+log pi_sft(chosen) > log pi_sft(rejected) (baseline/sft_accuracy); ties count half.
+
+Both models are in one numeric form: the reference is the SFT adapter merged into the same
+16-bit base the way merge built models/merged (never the NF4 base of a 4-bit run against the
+merged 16-bit model), so an untrained DPO adapter scores rewards of exactly 0. They are loaded
+one after the other, so only one is in memory at a time.
+
+    python -m stages.evaluate     (or: dvc repro evaluate)
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from stages.cli import main
-from stages.modeling import DTYPES, device_map, load_adapter_model, load_tokenizer, response_logps
+from stages.modeling import DTYPES, device_map, load_tokenizer, merged_model, response_logps
 from stages.outputs import load_splits, write_json_atomic, write_text_atomic
 from stages.params import Params
 from stages.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
 
 log = logging.getLogger("stages.evaluate")
+CODE_BLOCK = "```"
 
 
 def pair_logps(model, tokenizer, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size)
     rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size)
     return chosen, rejected
+
+
+def preference_accuracy(chosen_scores, rejected_scores) -> float:
+    """How often the chosen answer scores higher; a tie counts half."""
+    chosen, rejected = torch.as_tensor(chosen_scores, dtype=torch.float64), torch.as_tensor(rejected_scores,
+                                                                                           dtype=torch.float64)
+    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion measured on n pairs."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def baselines(pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> dict:
+    """The accuracies a surface rule or the SFT model alone reaches on these pairs."""
+    def has_code(texts):
+        return [CODE_BLOCK in text for text in texts]
+
+    return {
+        "baseline/length_accuracy": preference_accuracy([len(t) for t in pairs["chosen"]],
+                                                        [len(t) for t in pairs["rejected"]]),
+        "baseline/code_block_accuracy": preference_accuracy(has_code(pairs["chosen"]), has_code(pairs["rejected"])),
+        "baseline/sft_accuracy": preference_accuracy(ref_chosen, ref_rejected),
+    }
 
 
 @torch.no_grad()
@@ -43,7 +81,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
 
 def report(metrics: dict, samples: list[dict]) -> str:
     lines = ["# Evaluation", "", "Final model (models/merged) against the SFT model as reference, on the held-out",
-             "evaluation split.", "", "| metric | value |", "| --- | --- |"]
+             "evaluation split, with the baselines the accuracy must beat.", "", "| metric | value |",
+             "| --- | --- |"]
     lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items()]
     for i, sample in enumerate(samples, 1):
         lines += ["", f"## Sample {i}", "", "**Prompt**", "", "````text", sample["prompt"].strip(), "````"]
@@ -59,25 +98,32 @@ def run(params: Params) -> dict:
     prompts = pairs["prompt"][: params.evaluate.generations]
     batch = params.evaluate.batch_size
     tokenizer = load_tokenizer(MERGED)
+    dtype = DTYPES[params.model.dtype]
 
-    reference = load_adapter_model(params.model, SFT_ADAPTER)
+    reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)
+    reference = reference.to(dtype)  # as models/merged is loaded below
     ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, batch)
     sft_texts = generate(reference, tokenizer, prompts, params.evaluate.max_new_tokens)
     del reference
     gc.collect()
 
-    final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=DTYPES[params.model.dtype], device_map=device_map())
+    final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=dtype, device_map=device_map())
     chosen, rejected = pair_logps(final, tokenizer, pairs, batch)
     final_texts = generate(final, tokenizer, prompts, params.evaluate.max_new_tokens)
 
     beta = params.dpo.beta
     rewards_chosen = beta * (chosen - ref_chosen)
     rewards_rejected = beta * (rejected - ref_rejected)
+    accuracy = (rewards_chosen > rewards_rejected).float().mean().item()
+    low, high = wilson_interval(accuracy, len(pairs))
     metrics = {
-        "rewards/accuracies": (rewards_chosen > rewards_rejected).float().mean().item(),
+        "rewards/accuracies": accuracy,
+        "rewards/accuracies_ci95_low": low,
+        "rewards/accuracies_ci95_high": high,
         "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
         "rewards/chosen": rewards_chosen.mean().item(),
         "rewards/rejected": rewards_rejected.mean().item(),
+        **baselines(pairs, ref_chosen, ref_rejected),
         "n_pairs": len(pairs),
     }
     samples = [{"prompt": p, "sft": s, "final": f} for p, s, f in zip(prompts, sft_texts, final_texts)]

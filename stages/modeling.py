@@ -75,6 +75,24 @@ def load_adapter_model(model: ModelParams, adapter_dir: str | Path, *, trainable
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
+@torch.no_grad()
+def merged_model(model: ModelParams, adapter_dir: str | Path, save_dtype: str, check_inputs: dict | None = None):
+    """(base + adapter merged, max |merged - adapter model| logit difference on `check_inputs`
+    or None): the unquantized base loaded in float32 (never 4-bit), the adapter merged in full
+    precision and the result cast to `save_dtype`, the numeric form merge saves as
+    models/merged. evaluate builds the SFT reference the same way, so the two models it
+    compares are in one form."""
+    adapter_model = load_adapter_model(model, adapter_dir, quantized=False, dtype=torch.float32)
+    adapter_model.eval()
+    if check_inputs is not None:
+        check_inputs = {key: value.to(adapter_model.device) for key, value in check_inputs.items()}
+        mask = check_inputs["attention_mask"].bool()
+        before = adapter_model(**check_inputs).logits[mask]
+    merged = adapter_model.merge_and_unload()
+    diff = (merged(**check_inputs).logits[mask] - before).abs().max().item() if check_inputs is not None else None
+    return merged.to(DTYPES[save_dtype]), diff
+
+
 def lora_config(lora: LoraParams) -> LoraConfig:
     return LoraConfig(
         r=lora.r,

@@ -118,6 +118,7 @@ class MergeParams(Section):
     max_shard_size: str = Field("5GB", pattern=r"^\d+(KB|MB|GB)$")
     atol: float = Field(gt=0)
     check_samples: int = Field(gt=0)
+    gap_pairs: int | None = Field(None, gt=0)
 
 
 class EvaluateParams(Section):
@@ -134,6 +135,8 @@ class PushParams(Section):
     revision: str = "main"
     create_pr: bool = False
     license: str = "other"
+    max_merge_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    allow_unvetted: bool = False
 
 
 class Params(Section):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+SOURCES = Path("data/sources")            # sources: dataset.json, model.json (what the inputs are now)
 RAW = Path("data/raw")                   # fetch: {finetune,rl,evaluation}/ parquet shards
 SFT_DATA = Path("data/processed/sft")    # prepare: {train,eval}/ with column `text`
 DPO_DATA = Path("data/processed/dpo")    # prepare: {train,eval}/ with prompt, chosen, rejected

@@ -141,15 +141,25 @@ def text_reasons(batch: pa.RecordBatch, eval_qids: np.ndarray | None
     return batch, reasons
 
 
-def pair_hashes(batch: pa.RecordBatch) -> np.ndarray:
-    """A stable 64-bit hash of each (question, response_j, response_k), the same in every process."""
-    hashes = np.empty(batch.num_rows, dtype=np.uint64)
-    for i, pair in enumerate(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS))):
+def _hashes(rows) -> np.ndarray:
+    """A stable 64-bit hash of each row (a tuple of texts), the same in every process."""
+    hashes = []
+    for row in rows:
         digest = hashlib.blake2b(digest_size=8)
-        for text in pair:
+        for text in row:
             digest.update(b"\x00" if text is None else text.encode("utf-8", "surrogatepass") + b"\x01")
-        hashes[i] = int.from_bytes(digest.digest(), "little")
-    return hashes
+        hashes.append(int.from_bytes(digest.digest(), "little"))
+    return np.array(hashes, dtype=np.uint64)
+
+
+def pair_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """The hash of each (question, response_j, response_k)."""
+    return _hashes(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS)))
+
+
+def sft_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """The hash of each SFT text, (question, response_j)."""
+    return _hashes(zip(*(batch.column(c).to_pylist() for c in ("question", "response_j"))))
 
 
 class SeenPairs:
@@ -219,9 +229,14 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     drops = Drops()
     train = ShardWriter(out / "train", SFT_SCHEMA, params.fetch.shard_rows)
     evaluation = ShardWriter(out / "eval", SFT_SCHEMA, params.fetch.shard_rows)
+    seen = SeenPairs()
     for batch in raw_batches("finetune", params.prepare.batch_rows):
         batch, reasons = text_reasons(batch, eval_qids)
-        keep = drops.keep(batch.num_rows, reasons)
+        # one question with several pairs repeats its preferred answer: train on each text once
+        valid = ~np.logical_or.reduce([bad for _, bad in reasons])
+        duplicate = np.zeros(batch.num_rows, dtype=bool)
+        duplicate[valid] = seen.duplicates(sft_hashes(batch.filter(pa.array(valid))))
+        keep = drops.keep(batch.num_rows, [*reasons, ("duplicate_text", duplicate)])
         batch = batch.filter(pa.array(keep))
         prompts = seed_prompts(batch.column("question").to_pylist())
         texts = pa.array([p + a for p, a in zip(prompts, batch.column("response_j").to_pylist())], pa.string())

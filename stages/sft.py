@@ -1,5 +1,8 @@
 """sft: supervised fine-tuning of a LoRA adapter (QLoRA with the 4-bit profile) on
-data/processed/sft with TRL's SFTTrainer and packing -> models/sft."""
+data/processed/sft with TRL's SFTTrainer and packing -> models/sft.
+
+    python -m stages.sft     (or: dvc repro sft)
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def run(params: Params) -> dict:
     model = load_base_model(params.model)
     model.config.use_cache = False
     data = load_splits(SFT_DATA)
+    # packing concatenates examples in dataset order: shuffle first (seeded), as the recipe's
+    # streaming shuffle does, so a packed sequence is not a run of one site's questions
+    data["train"] = data["train"].shuffle(seed=params.sft.train.seed)
     trainer = SFTTrainer(
         model=model,
         args=config,
