@@ -8,6 +8,7 @@ model twice produces the same card and no second commit.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -122,9 +123,20 @@ def render_plots(out_dir: Path, dvclive_dir: Path = Path("dvclive")) -> list[tup
     return drawn
 
 
+def recorded(metrics_file: str, key: str):
+    """A value the stages recorded in metrics/<metrics_file>, or None."""
+    path = Path("metrics") / metrics_file
+    return json.loads(path.read_text()).get(key) if path.exists() else None
+
+
 def lineage_body(params: Params, plots: list[tuple[str, str]], plot_dir: str = "plots") -> str:
     experiment = os.environ.get("DVC_EXP_NAME")
     lines = ["## Lineage", "", f"- git commit: `{git_commit()}`"]
+    for label, source, metrics_file, key in (("dataset", params.data.source, "fetch.json", "revision"),
+                                             ("base model", params.model.name_or_path, "sft.json",
+                                              "base_model_revision")):
+        revision = recorded(metrics_file, key)
+        lines.append(f"- {label}: `{source}`" + (f" at revision `{revision}`" if revision else ""))
     if experiment:
         lines.append(f"- DVC experiment: `{experiment}`")
     lines += ["", "### Data and model hashes (dvc.lock)", "", "| stage | path | md5 |", "| --- | --- | --- |"]

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stages.cli import main
-from stages.modeling import DTYPES, device_map, load_tokenizer, merged_model, response_logps
+from stages.modeling import DTYPES, cast_weights, device_map, load_tokenizer, merged_model, response_logps
 from stages.outputs import load_splits, write_json_atomic, write_text_atomic
 from stages.params import Params
 from stages.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
@@ -98,16 +98,15 @@ def run(params: Params) -> dict:
     prompts = pairs["prompt"][: params.evaluate.generations]
     batch = params.evaluate.batch_size
     tokenizer = load_tokenizer(MERGED)
-    dtype = DTYPES[params.model.dtype]
 
     reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)
-    reference = reference.to(dtype)  # as models/merged is loaded below
+    reference = cast_weights(reference, params.model.dtype)  # as models/merged is loaded below
     ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, batch)
     sft_texts = generate(reference, tokenizer, prompts, params.evaluate.max_new_tokens)
     del reference
     gc.collect()
 
-    final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=dtype, device_map=device_map())
+    final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=DTYPES[params.model.dtype], device_map=device_map())
     chosen, rejected = pair_logps(final, tokenizer, pairs, batch)
     final_texts = generate(final, tokenizer, prompts, params.evaluate.max_new_tokens)
 

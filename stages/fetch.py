@@ -3,6 +3,10 @@
 One code path for both: `datasets.load_dataset(source, data_dir=..., streaming=True)`, read in
 record batches and cut at the per-split row caps, so memory stays bounded and only what the
 caps need is read, whether the source has thousands or tens of millions of rows.
+metrics/fetch.json records the rows per split and, for a Hub id, the dataset revision (commit
+sha) it resolved to when the Hub answered.
+
+    python -m stages.fetch     (or: dvc repro fetch)
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import pyarrow.parquet as pq
 from datasets import Features, load_dataset
 
 from stages.cli import main
-from stages.outputs import ShardWriter, atomic_dir
+from stages.hub import hub_revision
+from stages.outputs import ShardWriter, atomic_dir, write_json_atomic
 from stages.params import InvalidInput, Params
-from stages.paths import RAW
+from stages.paths import METRICS, RAW
 
 SPLITS = ("finetune", "rl", "evaluation")
 SCHEMA = pa.schema(
@@ -104,9 +109,13 @@ def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     return writer.rows
 
 
-def run(params: Params) -> dict[str, int]:
+def run(params: Params) -> dict:
     with atomic_dir(RAW) as tmp:
-        return {split: fetch_split(params, split, tmp) for split in SPLITS}
+        rows = {split: fetch_split(params, split, tmp) for split in SPLITS}
+        metrics = {"rows": rows, "source": params.data.source,
+                   "revision": hub_revision(params.data.source, "dataset")}  # None: local, or the Hub did not answer
+        write_json_atomic(METRICS / "fetch.json", metrics)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ import torch
 
 from stages.card import model_card
 from stages.cli import main
-from stages.modeling import DTYPES, load_adapter_model, load_tokenizer, merged_model, response_logps
+from stages.modeling import DTYPES, cast_weights, load_adapter_model, load_tokenizer, merged_model, response_logps
 from stages.outputs import atomic_dir, parquet_files, write_json_atomic
+from stages.pairs import load_pairs, load_reference
 from stages.params import InvalidInput, Params
 from stages.paths import DPO_ADAPTER, DPO_DATA, MERGED, METRICS
-from stages.pairs import load_pairs, load_reference
 
 log = logging.getLogger("stages.merge")
 
@@ -73,7 +73,7 @@ def merge_gap(params: Params, merged, tokenizer) -> dict:
     ref_chosen = torch.tensor(reference["ref_chosen_logps"])
     ref_rejected = torch.tensor(reference["ref_rejected_logps"])
     as_trained = load_adapter_model(params.model, DPO_ADAPTER)  # NF4 + adapter with the 4-bit profile
-    merged = merged.to(DTYPES[params.model.dtype])  # as evaluate loads models/merged
+    merged = cast_weights(merged, params.model.dtype)  # as evaluate loads models/merged
     batch = params.evaluate.batch_size
     accuracy = {}
     for name, model in (("as_trained", as_trained), ("merged", merged)):

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from stages.hub import HUB_ID
 from stages.params import InvalidInput, LoraParams, ModelParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def checked_source(name_or_path: str | Path) -> str:
@@ -90,7 +87,16 @@ def merged_model(model: ModelParams, adapter_dir: str | Path, save_dtype: str, c
         before = adapter_model(**check_inputs).logits[mask]
     merged = adapter_model.merge_and_unload()
     diff = (merged(**check_inputs).logits[mask] - before).abs().max().item() if check_inputs is not None else None
-    return merged.to(DTYPES[save_dtype]), diff
+    return cast_weights(merged, save_dtype), diff
+
+
+def cast_weights(model, dtype: str):
+    """The model's weights in `dtype`, as saving them in that dtype and loading them gives:
+    parameters only, since buffers such as the rotary inv_freq are recomputed on load, not
+    rounded (Module.to would round them too, and the two forms would differ)."""
+    for param in model.parameters():
+        param.data = param.data.to(DTYPES[dtype])
+    return model
 
 
 def lora_config(lora: LoraParams) -> LoraConfig:

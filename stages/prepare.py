@@ -219,6 +219,46 @@ def length_reasons(tokenizer, prompts, chosen, rejected, params: Params, max_cha
     return [("prompt_too_long", prompt_long), ("chosen_too_long", chosen_long), ("rejected_too_long", rejected_long)]
 
 
+TOKENIZATION_SAMPLE = 64  # rl pairs whose tokenization is checked before any work
+
+
+def check_tokenization(tokenizer, prompts: list[str], answers: list[str]) -> None:
+    """The contract the length filter and TRL's DPOTrainer share, on a sample of pairs: prompt +
+    answer + EOS (as TRL tokenizes it) starts with at most one BOS and ends with exactly one
+    EOS, and the tokenized prompt is a prefix of it up to whitespace that merges into the
+    answer's first token (TRL then starts the answer where the two diverge). A tokenizer that
+    adds its own EOS or BOS again, or a prompt template whose end merges with the answers,
+    would make every count and every log-prob wrong, so it stops prepare before any work."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    problems: Counter[str] = Counter()
+    for prompt, answer in zip(prompts, answers):
+        full = tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), len(prompt_ids))
+        problems["a doubled BOS"] += bos is not None and full[:2] == [bos, bos]
+        problems["a doubled EOS"] += full[-2:] == [eos, eos]
+        problems["no EOS at the end"] += full[-1] != eos
+        problems["a prompt/answer boundary inside the prompt"] += bool(tokenizer.decode(prompt_ids[shared:]).strip())
+    found = ", ".join(f"{n} of {len(prompts)} sample pairs ({problem})" for problem, n in problems.items() if n)
+    if found:
+        raise InvalidInput(f"model.name_or_path = {tokenizer.name_or_path!r}: its tokenizer breaks the tokenization "
+                           f"contract on {found}; expected prompt + answer + EOS to start with one BOS, end with "
+                           "one EOS and keep the prompt's tokens")
+
+
+def sample_pairs(n: int) -> tuple[list[str], list[str]]:
+    """(prompts, preferred answers) of the first n readable, non-empty rl rows."""
+    prompts, answers = [], []
+    for batch in raw_batches("rl", n):
+        batch, reasons = text_reasons(batch, None)
+        batch = batch.filter(pa.array(~np.logical_or.reduce([bad for _, bad in reasons])))
+        prompts += seed_prompts(batch.column("question").to_pylist())
+        answers += batch.column("response_j").to_pylist()
+        if len(prompts) >= n:
+            break
+    return prompts[:n], answers[:n]
+
+
 def is_sft_eval(qids: np.ndarray, fraction: float) -> np.ndarray:
     """A stable pseudo-random split by question, so one question's pairs stay together."""
     mixed = qids.astype(np.uint64) * np.uint64(11400714819323198485)
@@ -351,6 +391,7 @@ def check_not_empty(metrics: dict) -> None:
 
 def run(params: Params) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
+    check_tokenization(load_tokenizer(params.model.name_or_path), *sample_pairs(TOKENIZATION_SAMPLE))
     eval_qids = np.unique(
         np.concatenate([b.column("qid").to_numpy(False) for b in raw_batches("evaluation", params.prepare.batch_rows)])
     )

@@ -2,11 +2,14 @@
 evaluation metrics and the run's lineage; reports/push.json records the repo, revision and
 commit (or why it skipped).
 
-Disabled in the default profile. The token comes from HF_TOKEN or the Hub login
-(huggingface_hub finds either) and is never written anywhere. Everything that can be checked
-before uploading is: the endpoint answers, the token is accepted, the namespace is writable.
-Files that did not change are not uploaded again, and a push that changes nothing makes no
-commit (huggingface_hub compares each file's oid with the Hub's).
+Disabled in the default profile. A model whose held-out accuracy does not beat its baselines
+or whose merge gap exceeds push.max_merge_accuracy_drop is refused (exit 2) unless
+push.allow_unvetted is set, and its card then says which checks it failed. The token comes
+from HF_TOKEN or the Hub login (huggingface_hub finds either) and is never written anywhere.
+Everything that can be checked before uploading is: the endpoint answers, the token is
+accepted, the namespace is writable. Files that did not change are not uploaded again, and a
+push that changes nothing makes no commit (huggingface_hub compares each file's oid with the
+Hub's).
 """
 
 from __future__ import annotations
@@ -55,6 +58,29 @@ def check_access(api: HfApi, repo_id: str) -> str:
     return me["name"]
 
 
+def unvetted_reasons(params: Params, evaluation: dict, merge_metrics: dict) -> list[str]:
+    """Why this model should not be published: a held-out accuracy that does not beat every
+    baseline, or a merge gap beyond push.max_merge_accuracy_drop. Empty when it passed."""
+    accuracy = evaluation["rewards/accuracies"]
+    reasons = [f"held-out accuracy {accuracy:.3f} does not beat {key} = {value:.3f}"
+               for key, value in sorted(evaluation.items()) if key.startswith("baseline/") and not accuracy > value]
+    drop = merge_metrics.get("gap/accuracy_drop")
+    if drop is None:
+        reasons.append(f"{METRICS / 'merge.json'} has no merge gap; rerun `dvc repro merge`")
+    elif drop > params.push.max_merge_accuracy_drop:
+        reasons.append(f"merging lost {drop:.3f} of held-out accuracy (gap/accuracy_drop) > "
+                       f"push.max_merge_accuracy_drop = {params.push.max_merge_accuracy_drop}")
+    return reasons
+
+
+def unvetted_note(reasons: list[str]) -> str:
+    if not reasons:
+        return ""
+    return ("## Warning: pushed although it failed the pipeline's checks\n\n"
+            "This model was pushed with `push.allow_unvetted: true`. It failed:\n\n"
+            + "".join(f"- {reason}\n" for reason in reasons) + "\n")
+
+
 def commit_message() -> str:
     return f"stack-dpo: {os.environ.get('DVC_EXP_NAME') or 'workspace run'} (models/merged)"
 
@@ -63,15 +89,19 @@ def push(params: Params) -> dict:
     settings = params.push
     if not settings.repo_id or "/" not in settings.repo_id:
         raise InvalidInput(f"params.yaml: push.repo_id = {settings.repo_id!r}; expected 'owner/name' to push")
+    metrics = json.loads((METRICS / "evaluate.json").read_text())
+    unvetted = unvetted_reasons(params, metrics, json.loads((METRICS / "merge.json").read_text()))
+    if unvetted and not settings.allow_unvetted:
+        raise InvalidInput("push refused: " + "; ".join(unvetted) + ". Set push.allow_unvetted: true to push "
+                           "anyway (the model card then says which checks it failed)")
     api = HfApi()
     user = check_access(api, settings.repo_id)
     repo = api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
     if settings.revision != constants.DEFAULT_REVISION and not settings.create_pr:
         api.create_branch(repo.repo_id, branch=settings.revision, exist_ok=True)
-    metrics = json.loads((METRICS / "evaluate.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         plots = render_plots(Path(tmp))
-        card = model_card(params, metrics, body=lineage_body(params, plots), for_hub=True)
+        card = model_card(params, metrics, body=unvetted_note(unvetted) + lineage_body(params, plots), for_hub=True)
         operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
                       for p in sorted(MERGED.iterdir()) if p.is_file() and p.name != "README.md"]
         operations += [CommitOperationAdd(path_in_repo=f"plots/{name}", path_or_fileobj=str(Path(tmp) / name))
@@ -84,7 +114,7 @@ def push(params: Params) -> dict:
     log.info("%s %s@%s as %s: %s", "pushed" if new_commit else "unchanged, no new commit on", repo.repo_id,
              settings.revision, user, commit.oid)
     return {"pushed": True, "repo_id": repo.repo_id, "revision": settings.revision, "commit": commit.oid,
-            "new_commit": new_commit, "pr_url": commit.pr_url}
+            "new_commit": new_commit, "pr_url": commit.pr_url, "unvetted": unvetted}
 
 
 def run(params: Params) -> dict:

@@ -12,6 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from stages import training
 from stages.cli import main
+from stages.hub import hub_revision
 from stages.modeling import load_base_model, load_tokenizer, lora_config
 from stages.outputs import load_splits
 from stages.params import Params
@@ -44,7 +45,8 @@ def run(params: Params) -> dict:
         peft_config=lora_config(params.sft.lora),
         callbacks=training.dvclive_callbacks("sft", resume=checkpoint is not None),
     )
-    metrics = training.train(trainer, checkpoint)
+    metrics = {**training.train(trainer, checkpoint),
+               "base_model_revision": hub_revision(params.model.name_or_path, "model")}  # None: local or offline
     training.save_adapter(trainer, tokenizer, SFT_ADAPTER)
     training.write_metrics(METRICS / "sft.json", metrics)
     return metrics

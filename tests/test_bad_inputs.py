@@ -146,8 +146,8 @@ def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tm
     shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
     shard = ws / "data/processed/reference/eval/part-00000.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 5), shard)  # a stale reference of other pairs
-    from stages import dpo
+    from stages import pairs
 
-    with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs of "
-                                                                    r"data/processed/dpo/eval; rerun the reference"):
-        dpo.load_pairs(params, with_reference=True)
+    with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs they "
+                                                                    r"were computed for; rerun the reference"):
+        pairs.with_reference(pairs.load_pairs(params))

@@ -26,7 +26,7 @@ def test_synthetic_mirror_has_the_schema_layout_and_lengths_of_the_dataset(tmp_p
     assert set(pairs_per_question) <= {1, 2, 3} and pairs_per_question.max() > 1
     ws = project_workspace(tmp_path / "ws", mirror, num_proc=1, rl_cap=500)
     with inside(ws) as params:
-        assert fetch.run(params)["rl"] == 500
+        assert fetch.run(params)["rows"]["rl"] == 500
         counts = prepare.run(params)["dpo/train"]
     assert counts["input"] == 500 == counts["kept"] + sum(counts["dropped"].values()) and counts["kept"] > 0
 

@@ -1,3 +1,5 @@
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -7,8 +9,11 @@ from tests.conftest import inside, make_workspace
 
 def test_fetch_writes_raw_splits_with_caps(workspace):
     with inside(workspace) as params:
-        counts = fetch.run(params)
+        metrics = fetch.run(params)
+    counts = metrics["rows"]
     assert counts == {"finetune": 300, "rl": 160, "evaluation": 64}
+    assert metrics["revision"] is None  # a local source has no Hub revision
+    assert json.loads((workspace / "metrics/fetch.json").read_text()) == metrics
     for split, n in counts.items():
         table = pq.read_table(workspace / "data" / "raw" / split)
         assert table.num_rows == n
@@ -22,7 +27,7 @@ def test_fetch_without_caps_reads_whole_splits(tmp_path):
     ws = make_workspace(tmp_path, {"fetch": {"max_rows": {"finetune": None, "rl": None, "evaluation": None},
                                              "shard_rows": 400}})
     with inside(ws) as params:
-        counts = fetch.run(params)
+        counts = fetch.run(params)["rows"]
     assert counts == {"finetune": 1500, "rl": 1500, "evaluation": 300}
     assert len(list((ws / "data/raw/rl").glob("*.parquet"))) == 4  # sharded at 400 rows
 

@@ -34,13 +34,13 @@ def task_run_counts(state) -> dict[str, int]:
 
 def test_stage_order_and_gpu_marks_come_from_dvc_yaml(tmp_path):
     repo = make_clone(tmp_path)
-    assert pipeline_stages(repo) == [("fetch", False), ("prepare", False), ("sft", True), ("reference", True),
+    assert pipeline_stages(repo) == [("sources", False), ("fetch", False), ("prepare", False), ("sft", True), ("reference", True),
                                      ("dpo", True), ("merge", True), ("evaluate", True), ("push", False)]
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc_yaml["stages"]["summary"] = {"cmd": "cat metrics/evaluate.json", "deps": ["metrics/evaluate.json"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     names = [name for name, _ in pipeline_stages(repo)]
-    assert len(names) == 9 and names.index("summary") > names.index("evaluate")
+    assert len(names) == 10 and names.index("summary") > names.index("evaluate")
 
 
 def test_invalid_overrides_fail_before_any_stage(harness, tmp_path):

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from stages import merge, push
 from stages.modeling import load_adapter_model, load_tokenizer
+from stages.params import InvalidInput
 from tests.conftest import inside
 
 
@@ -24,7 +25,7 @@ def test_merged_model_is_16_bit_and_matches_the_adapter_model(trained):
             got = merged.float()(**inputs).logits
         mask = inputs["attention_mask"].bool()
         # bf16 rounding of the saved weights only: far below the logits' own spread
-        assert (got - want)[mask].abs().max() < 0.05 * want[mask].std()
+        assert (got - want)[mask].abs().max() < 0.1 * want[mask].std()
         check = json.loads((trained / "metrics" / "merge.json").read_text())
         assert check["max_logit_diff"] <= params.merge.atol
 
@@ -35,7 +36,7 @@ def test_merge_fails_beyond_tolerance_and_keeps_the_previous_output(trained, mon
         strict = params.model_copy(update={"merge": params.merge.model_copy(update={"atol": 1e-12})})
         real_merge = merge.merge
         monkeypatch.setattr(merge, "merge", lambda p: (*real_merge(p)[:2], 1e-3))  # a merge that drifted
-        with pytest.raises(RuntimeError, match=r"merge check failed: .* 1.000e-03 > merge.atol = 1e-12"):
+        with pytest.raises(InvalidInput, match=r"merge check failed: .* 1.000e-03 > merge.atol = 1e-12"):
             merge.run(strict)
     assert (trained / "models/merged/model.safetensors").read_bytes() == before
 
@@ -75,5 +76,6 @@ def test_merge_loads_the_16_bit_base_even_with_the_4bit_profile(trained):
         with pytest.raises(ValueError, match="needs CUDA"):
             load_adapter_model(qlora.model, "models/dpo")  # the training path would quantize
         merged, _, max_diff = merge.merge(qlora)
-    assert max_diff <= params.merge.atol
-    assert all(p.dtype == torch.float32 for p in merged.parameters())  # merged in full precision
+    assert max_diff <= params.merge.atol  # merged in full precision: a 16-bit merge misses this by far
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())  # then cast to merge.save_dtype
+    assert not any("4bit" in type(module).__name__ for module in merged.modules())

@@ -68,4 +68,4 @@ def test_tiny_model_loads_like_a_hub_llama():
     batch = tokenizer("Question: " + text, return_tensors="pt")
     with torch.no_grad():
         loss = model(**batch, labels=batch["input_ids"]).loss.item()
-    assert loss < 2.0 < torch.log(torch.tensor(float(len(tokenizer)))).item()
+    assert loss < 0.5 * torch.log(torch.tensor(float(len(tokenizer)))).item()  # chance: ln(vocabulary)
