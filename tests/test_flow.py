@@ -34,8 +34,9 @@ def task_run_counts(state) -> dict[str, int]:
 
 def test_stage_order_and_gpu_marks_come_from_dvc_yaml(tmp_path):
     repo = make_clone(tmp_path)
-    assert pipeline_stages(repo) == [("sources", False), ("fetch", False), ("prepare", False), ("sft", True), ("reference", True),
-                                     ("dpo", True), ("merge", True), ("evaluate", True), ("push", False)]
+    assert pipeline_stages(repo) == [("sources", False), ("fetch", False), ("prepare", False), ("sft", True),
+                                     ("reference", True), ("dpo", True), ("merge", True), ("evaluate", True),
+                                     ("push", False)]
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc_yaml["stages"]["summary"] = {"cmd": "cat metrics/evaluate.json", "deps": ["metrics/evaluate.json"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))

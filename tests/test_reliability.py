@@ -68,7 +68,9 @@ def small_clone(root: Path) -> Path:
 
 
 def assert_up_to_date(root: Path, *stages: str) -> None:
-    assert dvc(root, "status", "--json", *stages).stdout.strip() in ("{}", "")
+    """Nothing to rerun but the sources stage, which DVC always runs (it hashes the local sources)."""
+    status = json.loads(dvc(root, "status", "--json", *stages).stdout.strip() or "{}")
+    assert {stage: why for stage, why in status.items() if why != ["always changed"]} == {}
 
 
 def start_dvc(root: Path, *args: str) -> subprocess.Popen:
@@ -207,7 +209,7 @@ def test_two_dvc_repro_on_one_workspace(tmp_path):
     assert "Running stage" not in message
     first_out, _ = first.communicate()
     assert first.returncode == 0, first_out
-    assert "Data and pipelines are up to date." in dvc(clone, "repro").stdout
+    assert re.findall(r"Running stage '(\w+)'", dvc(clone, "repro").stdout) == ["sources"]
     assert_up_to_date(clone)
     assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
 
