@@ -13,10 +13,13 @@ text too long in characters to fit in tokens is dropped without being tokenized.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +42,7 @@ DPO_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("reje
 REQUIRED = ["qid", "question", "response_j", "response_k"]
 TEXT_COLUMNS = ("question", "response_j", "response_k")
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # not tab, newline or carriage return
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 log = logging.getLogger("stages.prepare")
 
 
@@ -340,6 +344,16 @@ def row_groups(split: str) -> list[tuple[str, int]]:
     return [(str(path), group) for path, file in raw_shards(split) for group in range(file.num_row_groups)]
 
 
+def _worker_process(parent: int, start, start_args) -> None:
+    """Set up a worker that dies with its parent: a prepare killed outright (SIGKILL, the OOM
+    killer) must not leave workers behind that wait forever and hold its output pipes open."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    start(*start_args)
+
+
 def in_order(fn, items, workers: int, start, start_args):
     """fn over items in order: in this process, or in `workers` processes with a bounded
     number of batches in flight (memory stays flat however many rows there are)."""
@@ -348,7 +362,8 @@ def in_order(fn, items, workers: int, start, start_args):
         yield from map(fn, items)
         return
     context = multiprocessing.get_context("fork")  # the workers inherit the imported modules
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start, initargs=start_args) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_process,
+                             initargs=(os.getpid(), start, start_args)) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))

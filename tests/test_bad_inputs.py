@@ -14,6 +14,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from stages import fetch, prepare
 from stages.modeling import load_base_model, load_tokenizer
@@ -123,9 +124,10 @@ def test_tokenizer_without_pad_token_pads_with_eos():
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
 
 
-def test_4bit_without_cuda_is_a_clear_error():
+def test_4bit_without_cuda_is_a_clear_error(monkeypatch):
     from stages.params import ModelParams
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU hosts too
     model = ModelParams(name_or_path=str(REPO / "data/sample/tiny-llama"), quantization="4bit")
     with pytest.raises(InvalidInput, match="needs CUDA .* set model.quantization: none"):
         load_base_model(model)

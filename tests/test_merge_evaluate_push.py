@@ -68,9 +68,10 @@ def test_push_enabled_without_repo_fails_clearly(trained):
             push.run(enabled)
 
 
-def test_merge_loads_the_16_bit_base_even_with_the_4bit_profile(trained):
-    """On this CPU machine asking for a 4-bit model fails (no CUDA), so a merge that succeeds
-    with model.quantization = 4bit never asked for the quantized base."""
+def test_merge_loads_the_16_bit_base_even_with_the_4bit_profile(trained, monkeypatch):
+    """Without CUDA (patched, so this holds on GPU hosts too) asking for a 4-bit model fails, so
+    a merge that succeeds with model.quantization = 4bit never asked for the quantized base."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with inside(trained) as params:
         qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
         with pytest.raises(ValueError, match="needs CUDA"):

@@ -96,6 +96,40 @@ def test_bad_rows_are_dropped_by_reason(tmp_path):
     assert all(pair["rejected"] != rows[i]["response_k"] for pair in kept for i in (4, 5))
 
 
+def test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit(tmp_path):
+    """An oracle independent of the project's own token accounting: TRL's DPOTrainer tokenizes
+    the kept pairs and the pairs dropped for length, and its token counts decide."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    ws = make_workspace(tmp_path, {"fetch": {"max_rows": {"rl": None}},
+                                   "prepare": {"max_prompt_length": 95, "max_length": 220}})
+    params, metrics = run_prepare(ws)
+    kept = pq.read_table(ws / "data/processed/dpo/train").to_pylist()
+    kept_texts = {(r["prompt"], r["chosen"], r["rejected"]) for r in kept}
+    raw = Dataset(pq.read_table(ws / "data/raw/rl"))
+    mapped = raw.map(return_prompt_and_responses, batched=True, remove_columns=raw.column_names)
+    dropped = [row for row in mapped if (row["prompt"], row["chosen"], row["rejected"]) not in kept_texts]
+    too_long = sum(metrics["dpo/train"]["dropped"][r] for r in ("prompt_too_long", "chosen_too_long",
+                                                                 "rejected_too_long"))
+    assert len(dropped) == too_long > 0  # every raw pair not kept was dropped for its length here
+    tokenizer = load_tokenizer(params.model.name_or_path)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(params.model.name_or_path),
+        args=DPOConfig(output_dir=str(tmp_path / "out"), max_length=None, report_to="none", use_cpu=True),
+        train_dataset=Dataset.from_list(kept), eval_dataset=Dataset.from_list(dropped), processing_class=tokenizer)
+
+    def lengths(row):  # what DPOTrainer feeds the model: prompt, and prompt + answer + EOS
+        return len(row["prompt_ids"]), max(len(row["prompt_ids"]) + len(row[k]) for k in ("chosen_ids",
+                                                                                         "rejected_ids"))
+
+    limit_prompt, limit = params.prepare.max_prompt_length, params.prepare.max_length
+    assert all(p <= limit_prompt and n <= limit for p, n in map(lengths, trainer.train_dataset))
+    for row, original in zip(trainer.eval_dataset, dropped):
+        prompt_alone = len(tokenizer(original["prompt"])["input_ids"])  # the prompt as given at inference
+        assert prompt_alone > limit_prompt or lengths(row)[1] > limit
+
+
 def test_missing_column_names_the_file(tmp_path):
     ws = make_workspace(tmp_path)
     with inside(ws) as params:
@@ -136,3 +170,31 @@ def test_workers_and_batch_size_do_not_change_the_output(tmp_path):
     (one, one_tables), (two, two_tables) = results
     assert one == two and one["dpo/train"]["dropped"]["duplicate_pair"] >= 20
     assert all(one_tables[split].equals(two_tables[split]) for split in one_tables)
+
+
+def test_workers_of_a_killed_prepare_do_not_outlive_it(tmp_path):
+    """SIGKILL of prepare while its worker processes run (as the OOM killer would): the workers
+    die with it instead of waiting forever with the stage's output pipes open."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import stage_env
+
+    ws = make_workspace(tmp_path, {"prepare": {"num_proc": 2}})
+    with inside(ws) as params:
+        fetch.run(params)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=ws, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (workers := psutil.Process(proc.pid).children()):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare never started its workers"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [], alive

@@ -79,20 +79,42 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, kill_after", [("sft", 4), ("dpo", 4), ("sft", 12), ("dpo", 12)])
-def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage, kill_after):
-    """Killed once checkpoint `kill_after` is saved (12: the last one, before the adapter is
-    written), the rerun resumes from the latest complete checkpoint and ends at step 12."""
-    steps = {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "save_total_limit": 10}
-    ws = make_workspace(tmp_path, {"sft": {"train": steps}, "dpo": {"train": steps}})
+RESUME_STEPS = {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "save_total_limit": 10}
+
+
+def resume_workspace(root, until: str):
+    """A workspace with 12-step training params where every stage before `until` has run."""
+    ws = make_workspace(root, {"sft": {"train": RESUME_STEPS}, "dpo": {"train": RESUME_STEPS}})
     with inside(ws) as params:
         fetch.run(params)
         prepare.run(params)
-    if stage == "dpo":
-        for before in ("sft", "reference"):
-            subprocess.run([sys.executable, "-m", f"stages.{before}"], cwd=ws, env=stage_env(), check=True,
-                           capture_output=True)
+    for before in ("sft", "reference", "dpo")[:("sft", "reference", "dpo").index(until)]:
+        subprocess.run([sys.executable, "-m", f"stages.{before}"], cwd=ws, env=stage_env(), check=True,
+                       capture_output=True)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The adapters of sft and dpo trained without interruption, for the resumed runs to match."""
+    ws = resume_workspace(tmp_path_factory.mktemp("uninterrupted"), "dpo")
+    subprocess.run([sys.executable, "-m", "stages.dpo"], cwd=ws, env=stage_env(), check=True, capture_output=True)
+    return ws
+
+
+def adapter_weights(ws, stage):
+    from safetensors.torch import load_file
+
+    return load_file(ws / "models" / stage / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, kill_after", [("sft", 4), ("dpo", 4), ("sft", 12), ("dpo", 12)])
+def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, uninterrupted, stage, kill_after):
+    """Killed once checkpoint `kill_after` is saved (12: the last one, before the adapter is
+    written), the rerun resumes from the latest complete checkpoint, ends at step 12 and gives the
+    adapter an uninterrupted run gives (the weights, not only the step count)."""
+    ws = resume_workspace(tmp_path, stage)
     cmd = [sys.executable, "-m", f"stages.{stage}"]
     proc = subprocess.Popen(cmd, cwd=ws, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -113,6 +135,10 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, stage, kil
     logged_steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert logged_steps == sorted(set(logged_steps))  # finished steps were not redone
     assert not (ws / "checkpoints" / stage / "checkpoint-13").exists()  # and none was added past the end
+    resumed, reference = adapter_weights(ws, stage), adapter_weights(uninterrupted, stage)
+    assert resumed.keys() == reference.keys()
+    for name, weight in reference.items():
+        assert torch.allclose(resumed[name], weight, atol=1e-5, rtol=1e-4), name
 
 
 def test_changed_inputs_do_not_resume_old_checkpoints(tmp_path):

@@ -93,6 +93,17 @@ def test_an_untrained_dpo_adapter_scores_exactly_zero(trained, tmp_path):
     assert metrics["rewards/accuracies"] == 0  # no pair's chosen reward beats its rejected one
 
 
+def test_evaluate_never_loads_a_4bit_model(trained, tmp_path, monkeypatch):
+    """With the 4-bit profile and no CUDA (patched), any 4-bit load fails: evaluate succeeding
+    shows that both models it compares are the 16-bit merged form, with the same metrics."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ws = copy_of(trained, tmp_path)
+    with inside(ws) as params:
+        qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
+        metrics = evaluate.run(qlora)
+    assert metrics == json.loads((trained / "metrics/evaluate.json").read_text())
+
+
 def test_merge_records_the_gap_between_the_model_as_trained_and_the_merged_one(trained):
     gap = json.loads((trained / "metrics/merge.json").read_text())
     dpo_eval = json.loads((trained / "metrics/dpo.json").read_text())["eval"]
