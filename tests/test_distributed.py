@@ -47,7 +47,8 @@ def test_sft_and_dpo_run_on_two_processes_and_write_once(tmp_path):
     state = json.loads((ws / f"checkpoints/sft/checkpoint-{steps}/trainer_state.json").read_text())
     first = next(entry for entry in state["log_history"] if "num_tokens" in entry)
     per_process = params.sft.train.per_device_train_batch_size * params.sft.seq_length
-    assert first["num_tokens"] == 2 * per_process
+    # more than one process's batch (packed rows are full but for the split's last one)
+    assert per_process < first["num_tokens"] <= 2 * per_process
 
 
 def test_launch_command_and_its_checks(tmp_path):

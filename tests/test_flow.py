@@ -61,7 +61,7 @@ def test_permanent_failure_is_not_retried(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(PermanentStageFailure, match="no rows left for dpo/train"):
         state.result()
-    assert task_run_counts(state) == {"fetch": 1, "prepare": 1}
+    assert task_run_counts(state) == {"sources": 1, "fetch": 1, "prepare": 1}
 
 
 def _kill_first_sft_after(repo: Path, checkpoint: Path, killed: list[int]) -> None:
@@ -103,7 +103,8 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
         artifacts = client.read_artifacts()
     summary = next(a for a in artifacts if a.key == "stack-dpo-run").data
     assert "`sft.train.max_steps` = `12`" in summary and "rewards/accuracies" in summary
-    assert "prompt_too_long" in summary and "not pushed" in summary
+    assert "## Data dropped by prepare, by reason" in summary and "| dpo/train | 160 |" in summary
+    assert "baseline/sft_accuracy" in summary and "not pushed" in summary
 
 
 def test_locks_of_killed_dvc_processes_are_released(tmp_path):
