@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint bench exp-full sample-data tiny-model
+.PHONY: install run test lint bench mutants exp-full sample-data tiny-model
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ run: $(STAMP)  ## the whole pipeline on the default (tiny CPU) profile
 
 test: $(STAMP)  ## every test, the slow end-to-end ones included
 	pytest
+
+mutants: $(STAMP)  ## plant known bugs one at a time; the tests must catch every one (about 10 min on 2 CPUs)
+	python -m tests.mutants
 
 lint: $(STAMP)
 	ruff check stages flows scripts tests bench

@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 
 from stages import training
 from stages.cli import main
-from stages.modeling import load_adapter_model, load_tokenizer
+from stages.modeling import load_adapter_model, load_tokenizer, preflight
 from stages.pairs import REFERENCE_COLUMNS, load_pairs
 from stages.pairs import with_reference as with_stored_reference
 from stages.params import InvalidInput, Params
@@ -87,6 +87,7 @@ def check_policy_equals_reference(trainer) -> dict:
 
 
 def run(params: Params) -> dict:
+    preflight(params.model)  # a refused run leaves the checkpoints as they were
     inputs_hash = training.fingerprint(
         [params.model, params.dpo, params.prepare], [DPO_DATA, REFERENCE, SFT_ADAPTER, Path(params.model.name_or_path)]
     )

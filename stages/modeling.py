@@ -51,6 +51,13 @@ def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
     )
 
 
+def preflight(model: ModelParams) -> None:
+    """What loading the base will need (a model source, CUDA for 4-bit), checked before a
+    training stage deletes or rewrites anything, checkpoints included."""
+    checked_source(model.name_or_path)
+    quantization_config(model)
+
+
 def device_map() -> dict | None:
     # under `accelerate launch` each process holds its own copy on its own GPU
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None

@@ -13,13 +13,14 @@ from trl import SFTConfig, SFTTrainer
 from stages import training
 from stages.cli import main
 from stages.hub import hub_revision
-from stages.modeling import load_base_model, load_tokenizer, lora_config
+from stages.modeling import load_base_model, load_tokenizer, lora_config, preflight
 from stages.outputs import load_splits
 from stages.params import Params
 from stages.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 
 def run(params: Params) -> dict:
+    preflight(params.model)  # a refused run leaves the checkpoints as they were
     inputs_hash = training.fingerprint([params.model, params.sft], [SFT_DATA, Path(params.model.name_or_path)])
     config = SFTConfig(
         dataset_text_field="text",

@@ -153,3 +153,23 @@ def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tm
     with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs they "
                                                                     r"were computed for; rerun the reference"):
         pairs.with_reference(pairs.load_pairs(params))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were(trained, tmp_path, monkeypatch, stage):
+    from stages import dpo, sft
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine: 4-bit is refused
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert any(f"checkpoints/{stage}/checkpoint-" in str(p) for p in before)
+    with inside(ws) as params:
+        qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
+        with pytest.raises(InvalidInput, match="needs CUDA"):
+            {"sft": sft, "dpo": dpo}[stage].run(qlora)
+    assert snapshot() == before

@@ -1,0 +1,138 @@
+"""Planted bugs the test suite must catch: `make mutants` (python -m tests.mutants [NAME ...]).
+
+Each mutant changes one line of the code in a scratch copy of this checkout and runs only the
+tests that should notice; it is caught when they fail. Prints `N of N planted bugs caught` and
+exits 0 only if every one was. A bug fixed from now on gets its mutant here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Mutant(NamedTuple):
+    name: str
+    file: str
+    old: str  # must occur exactly once in `file`
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("the length filter lets a pair one token over prepare.max_length through",
+           "stages/prepare.py", "bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit",
+           "bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit + 1",
+           ("tests/test_prepare.py::test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit",)),
+    Mutant("resume restores the step but not the weights",
+           "stages/training.py", "        result = trainer.train(resume_from_checkpoint=",
+           "        trainer._load_from_checkpoint = lambda *args, **kwargs: None\n"
+           "        result = trainer.train(resume_from_checkpoint=",
+           ("tests/test_training.py::test_killed_training_resumes_from_its_latest_checkpoint[sft-4]",)),
+    Mutant("dpo recomputes the reference from the policy instead of reading the stored log-probs",
+           "stages/dpo.py", "        pairs = with_stored_reference(pairs)", "        pass",
+           ("tests/test_trust.py::test_dpo_stops_when_the_stored_reference_is_not_the_sft_models",)),
+    Mutant("merge skips its logit check",
+           "stages/merge.py", "    if not max_diff <= params.merge.atol:", "    if False:",
+           ("tests/test_merge_evaluate_push.py::test_merge_fails_beyond_tolerance_and_keeps_the_previous_output",)),
+    Mutant("prepare swaps chosen and rejected in one pair of a hundred",
+           "stages/prepare.py", "        writer.write(pairs.filter(pa.array(keep[passing])))",
+           "        kept = pairs.filter(pa.array(keep[passing]))\n"
+           "        swap = pa.array(np.arange(kept.num_rows) % 100 == 0)\n"
+           "        writer.write(kept.set_column(1, 'chosen', pc.if_else(swap, kept['rejected'], kept['chosen']))"
+           ".set_column(2, 'rejected', pc.if_else(swap, kept['chosen'], kept['rejected'])))",
+           ("tests/test_prepare.py::test_dpo_pairs_match_the_seed_mapping_exactly",)),
+    Mutant("push uploads unchanged files again",
+           "stages/push.py", "        operations.append(CommitOperationAdd(path_in_repo=\"README.md\"",
+           "        operations.append(CommitOperationAdd(path_in_repo=\"pushed_at.txt\", "
+           "path_or_fileobj=str(__import__('time').time_ns()).encode()))\n"
+           "        operations.append(CommitOperationAdd(path_in_repo=\"README.md\"",
+           ("tests/test_push.py::test_second_push_of_the_same_model_makes_no_commit",)),
+    Mutant("evaluate loads the reference in 4-bit while the final model is 16-bit",
+           "stages/evaluate.py", "    reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)",
+           "    from stages.modeling import load_adapter_model\n"
+           "    reference, _ = load_adapter_model(params.model, SFT_ADAPTER), None",
+           ("tests/test_trust.py::test_evaluate_never_loads_a_4bit_model",)),
+    Mutant("a refused run deletes a checkpoint",
+           "stages/sft.py", "    preflight(params.model)  # a refused run leaves the checkpoints as they were",
+           "    pass",
+           ("tests/test_bad_inputs.py::test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were[sft]",)),
+    Mutant("workers of a killed prepare outlive it (and hold its pipes open)",
+           "stages/prepare.py", '    if sys.platform.startswith("linux"):', "    if False:",
+           ("tests/test_prepare.py::test_workers_of_a_killed_prepare_do_not_outlive_it",)),
+    Mutant("dpo trains against reference log-probs of other rows with the same count",
+           "stages/pairs.py", "    if stored.get(\"pairs\", {}).get(split) != pairs_fingerprint(pairs[split]):",
+           "    if False:",
+           ("tests/test_trust.py::test_a_reference_of_other_rows_with_the_same_count_is_refused",)),
+]
+
+
+def scratch_copy(root: Path) -> Path:
+    """This checkout's tracked and untracked-but-not-ignored files as a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes((REPO / name).read_bytes())
+    git = ["git", "-c", "user.name=mutants", "-c", "user.email=mutants@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scratch"]):
+        subprocess.run([*git, *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+def plant(root: Path, mutant: Mutant) -> None:
+    path = root / mutant.file
+    text = path.read_text()
+    if text.count(mutant.old) != 1:
+        raise SystemExit(f"mutant {mutant.name!r}: {mutant.file} has {text.count(mutant.old)} copies of the line "
+                         "it changes (expected 1); update tests/mutants.py")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def run_tests(mutant: Mutant | None, tests: list[str]) -> tuple[bool, float, str]:
+    """(passed, seconds, output tail) of `tests` in a scratch copy with `mutant` planted."""
+    with tempfile.TemporaryDirectory(prefix="stack-dpo-mutant-") as tmp:
+        root = scratch_copy(Path(tmp))
+        if mutant is not None:
+            plant(root, mutant)
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                cwd=root, env=env, capture_output=True, text=True)
+        return result.returncode == 0, time.monotonic() - started, result.stdout[-600:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="substrings of the mutants to run (default: all)")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    # the tests must pass without a planted bug, or a failure would prove nothing
+    passed, seconds, tail = run_tests(None, sorted({test for m in chosen for test in m.tests}))
+    print(f"{'passed ' if passed else 'FAILED '} {seconds:6.1f} s  the tests, with no bug planted", flush=True)
+    if not passed:
+        print(tail)
+        sys.exit(1)
+    results = []
+    for mutant in chosen:
+        passed, seconds, tail = run_tests(mutant, list(mutant.tests))
+        ok = not passed
+        results.append(ok)
+        print(f"{'caught ' if ok else 'MISSED '} {seconds:6.1f} s  {mutant.name}", flush=True)
+        if not ok:
+            print(tail)
+    print(f"{sum(results)} of {len(results)} planted bugs caught")
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
