@@ -18,8 +18,7 @@ from trl import DPOConfig, DPOTrainer
 from stages import training
 from stages.cli import main
 from stages.modeling import load_adapter_model, load_tokenizer, preflight
-from stages.pairs import REFERENCE_COLUMNS, load_pairs
-from stages.pairs import with_reference as with_stored_reference
+from stages.pairs import REFERENCE_COLUMNS, load_pairs, with_stored_reference
 from stages.params import InvalidInput, Params
 from stages.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFERENCE, SFT_ADAPTER
 

@@ -88,7 +88,7 @@ def load_reference(pairs: DatasetDict, split: str) -> Dataset:
     return reference
 
 
-def with_reference(pairs: DatasetDict) -> DatasetDict:
+def with_stored_reference(pairs: DatasetDict) -> DatasetDict:
     """`pairs` with the stored reference log-probs beside each row, checked."""
     return DatasetDict({split: concatenate_datasets([data, load_reference(pairs, split)], axis=1)
                         for split, data in pairs.items()})

@@ -152,7 +152,7 @@ def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tm
 
     with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs they "
                                                                     r"were computed for; rerun the reference"):
-        pairs.with_reference(pairs.load_pairs(params))
+        pairs.with_stored_reference(pairs.load_pairs(params))
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -122,7 +122,7 @@ def test_a_reference_of_other_rows_with_the_same_count_is_refused(trained, tmp_p
     pq.write_table(swapped, shard)  # same count, other rows
     with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: the reference log-probs were "
                                                                     r"computed for other pairs"):
-        pairs.with_reference(pairs.load_pairs(params))
+        pairs.with_stored_reference(pairs.load_pairs(params))
     with inside(ws) as params, pytest.raises(InvalidInput, match="computed for other pairs"):
         merge.run(params)  # every stage that reads them checks
 
