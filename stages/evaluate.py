@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stages.cli import main
-from stages.modeling import DTYPES, cast_weights, device_map, load_tokenizer, merged_model, response_logps
+from stages.modeling import DTYPES, cast_weights, device_map, load_tokenizer, merged_model, pair_logps
 from stages.outputs import load_splits, write_json_atomic, write_text_atomic
 from stages.params import Params
 from stages.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
@@ -35,16 +35,10 @@ log = logging.getLogger("stages.evaluate")
 CODE_BLOCK = "```"
 
 
-def pair_logps(model, tokenizer, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size)
-    rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size)
-    return chosen, rejected
-
-
 def preference_accuracy(chosen_scores, rejected_scores) -> float:
     """How often the chosen answer scores higher; a tie counts half."""
-    chosen, rejected = torch.as_tensor(chosen_scores, dtype=torch.float64), torch.as_tensor(rejected_scores,
-                                                                                           dtype=torch.float64)
+    chosen = torch.as_tensor(chosen_scores, dtype=torch.float64)
+    rejected = torch.as_tensor(rejected_scores, dtype=torch.float64)
     return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
 
 

@@ -26,7 +26,7 @@ import torch
 
 from stages.card import model_card
 from stages.cli import main
-from stages.modeling import DTYPES, cast_weights, load_adapter_model, load_tokenizer, merged_model, response_logps
+from stages.modeling import DTYPES, cast_weights, load_adapter_model, load_tokenizer, merged_model, pair_logps
 from stages.outputs import atomic_dir, parquet_files, write_json_atomic
 from stages.pairs import load_pairs, load_reference
 from stages.params import InvalidInput, Params
@@ -67,7 +67,7 @@ def logit_gap(model_a, model_b, tokenizer, texts: list[str], batch_size: int) ->
 def merge_gap(params: Params, merged, tokenizer) -> dict:
     """The model as trained against the merged model on the first merge.gap_pairs held-out pairs."""
     held_out = load_pairs(params)
-    pairs, reference = held_out["eval"], load_reference(held_out, "eval")
+    pairs, reference = held_out["eval"], load_reference(held_out, ("eval",))["eval"]
     n = min(params.merge.gap_pairs or len(pairs), len(pairs))
     pairs, reference = pairs.select(range(n)), reference.select(range(n))
     ref_chosen = torch.tensor(reference["ref_chosen_logps"])
@@ -77,8 +77,7 @@ def merge_gap(params: Params, merged, tokenizer) -> dict:
     batch = params.evaluate.batch_size
     accuracy = {}
     for name, model in (("as_trained", as_trained), ("merged", merged)):
-        chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch)
-        rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch)
+        chosen, rejected = pair_logps(model, tokenizer, pairs, batch)
         accuracy[name] = ((chosen - ref_chosen) > (rejected - ref_rejected)).float().mean().item()
     texts = [p + a for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]) for a in (c, r)]
     mean_diff, max_diff = logit_gap(as_trained, merged, tokenizer, texts, batch)

@@ -154,3 +154,10 @@ def response_logps(model, tokenizer, prompts: list[str], responses: list[str], b
         picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out.append((picked * (targets != -100)).sum(-1).cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def pair_logps(model, tokenizer, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen|prompt) and log pi(rejected|prompt) of each pair."""
+    chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size)
+    rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size)
+    return chosen, rejected

@@ -65,9 +65,9 @@ def reference_fingerprint(pairs: DatasetDict) -> dict:
             "sft_adapter": adapter_fingerprint()}
 
 
-def load_reference(pairs: DatasetDict, split: str) -> Dataset:
-    """The stored reference log-probs of `pairs[split]`, row for row, after checking that they
-    were computed for exactly these pairs and the current SFT adapter."""
+def load_reference(pairs: DatasetDict, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, Dataset]:
+    """The stored reference log-probs of `pairs[split]` for each split, row for row, after
+    checking that they were computed for exactly these pairs and the current SFT adapter."""
     rerun = "rerun the reference stage (dvc repro reference)"
     try:
         stored = json.loads(FINGERPRINT_FILE.read_text())
@@ -77,18 +77,20 @@ def load_reference(pairs: DatasetDict, split: str) -> Dataset:
     if stored.get("sft_adapter") != adapter_fingerprint():
         raise InvalidInput(f"{REFERENCE}: the reference log-probs were computed with another SFT adapter than "
                            f"{SFT_ADAPTER}; {rerun}")
-    if stored.get("pairs", {}).get(split) != pairs_fingerprint(pairs[split]):
-        raise InvalidInput(f"{REFERENCE / split}: the reference log-probs were computed for other pairs than the "
-                           f"{len(pairs[split])} {split} pairs this run uses ({DPO_DATA}, dpo.train sizes and seed); "
-                           f"{rerun}")
-    reference = load_splits(REFERENCE)[split]
-    if len(reference) != len(pairs[split]):  # the fingerprint matched, so the files themselves were changed
-        raise InvalidInput(f"{REFERENCE / split}: {len(reference)} rows for the {len(pairs[split])} pairs they were "
-                           f"computed for; {rerun}")
-    return reference
+    for split in splits:
+        if stored.get("pairs", {}).get(split) != pairs_fingerprint(pairs[split]):
+            raise InvalidInput(f"{REFERENCE / split}: the reference log-probs were computed for other pairs than "
+                               f"the {len(pairs[split])} {split} pairs this run uses ({DPO_DATA}, dpo.train sizes "
+                               f"and seed); {rerun}")
+    reference = load_splits(REFERENCE)
+    for split in splits:
+        if len(reference[split]) != len(pairs[split]):  # the fingerprint matched, so the files were changed
+            raise InvalidInput(f"{REFERENCE / split}: {len(reference[split])} rows for the {len(pairs[split])} pairs "
+                               f"they were computed for; {rerun}")
+    return {split: reference[split] for split in splits}
 
 
 def with_stored_reference(pairs: DatasetDict) -> DatasetDict:
     """`pairs` with the stored reference log-probs beside each row, checked."""
-    return DatasetDict({split: concatenate_datasets([data, load_reference(pairs, split)], axis=1)
-                        for split, data in pairs.items()})
+    reference = load_reference(pairs, tuple(pairs))
+    return DatasetDict({split: concatenate_datasets([data, reference[split]], axis=1) for split, data in pairs.items()})

@@ -156,6 +156,11 @@ def _hashes(rows) -> np.ndarray:
     return np.array(hashes, dtype=np.uint64)
 
 
+def passes_every_reason(reasons: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Which rows no reason in `reasons` drops."""
+    return ~np.logical_or.reduce([bad for _, bad in reasons])
+
+
 def pair_hashes(batch: pa.RecordBatch) -> np.ndarray:
     """The hash of each (question, response_j, response_k)."""
     return _hashes(zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS)))
@@ -255,7 +260,7 @@ def sample_pairs(n: int) -> tuple[list[str], list[str]]:
     prompts, answers = [], []
     for batch in raw_batches("rl", n):
         batch, reasons = text_reasons(batch, None)
-        batch = batch.filter(pa.array(~np.logical_or.reduce([bad for _, bad in reasons])))
+        batch = batch.filter(pa.array(passes_every_reason(reasons)))
         prompts += seed_prompts(batch.column("question").to_pylist())
         answers += batch.column("response_j").to_pylist()
         if len(prompts) >= n:
@@ -277,7 +282,7 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     for batch in raw_batches("finetune", params.prepare.batch_rows):
         batch, reasons = text_reasons(batch, eval_qids)
         # one question with several pairs repeats its preferred answer: train on each text once
-        valid = ~np.logical_or.reduce([bad for _, bad in reasons])
+        valid = passes_every_reason(reasons)
         duplicate = np.zeros(batch.num_rows, dtype=bool)
         duplicate[valid] = seen.duplicates(sft_hashes(batch.filter(pa.array(valid))))
         keep = drops.keep(batch.num_rows, [*reasons, ("duplicate_text", duplicate)])
@@ -304,7 +309,7 @@ def assess_dpo_batch(batch: pa.RecordBatch) -> tuple[int, pa.Table, np.ndarray, 
     """One batch's work that needs no other batch: (rows, the seed-mapped pairs that pass every
     check but the duplicate one, which rows those are, the drop reasons, the pair hashes)."""
     batch, reasons = text_reasons(batch, _worker["eval_qids"])
-    valid = ~np.logical_or.reduce([bad for _, bad in reasons])
+    valid = passes_every_reason(reasons)
     pairs = pa.table(
         {
             "prompt": seed_prompts(batch.column("question").filter(pa.array(valid)).to_pylist()),
