@@ -1,18 +1,26 @@
 """What every benchmark shares: run a command and report its wall time and the peak resident
-memory of its whole process tree (workers included), and print result tables."""
+memory of its whole process tree (workers included); repeat setups interleaved and report the
+median and range; time training steps after a warm-up; print result tables.
+
+Every figure a benchmark prints is the median of its repeats, with the range (min-max) beside it:
+a ratio of two setups is only resolved when their ranges do not overlap."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import torch
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -99,3 +107,68 @@ def fresh_clone(dest: Path) -> Path:
 
 def dvc(clone: Path, *args: str) -> Measured:
     return run([sys.executable, "-m", "dvc", *args], clone)
+
+
+def interleaved(setups: dict[str, Callable[[], dict]], repeats: int, warmup: bool = True) -> dict[str, list[dict]]:
+    """Run every setup `repeats` times, alternating their order from round to round (ABAB…, then
+    BA…), so that a drift of the machine (caches, another load) falls on all of them alike. With
+    `warmup`, one untimed round first (file caches, lazy imports, compiled kernels)."""
+    results: dict[str, list[dict]] = {name: [] for name in setups}
+    names = list(setups)
+    for round_ in range(-1 if warmup else 0, repeats):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            result = setups[name]()
+            if round_ >= 0:
+                results[name].append(result)
+            print(f"{'warm-up' if round_ < 0 else f'round {round_ + 1}'}: {name}: {result}", flush=True)
+    return results
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def spread(runs: list[dict], key: str, scale: float = 1.0, digits: str = ".3g") -> str:
+    """'median (min-max)' of `key` over the runs, each value divided by `scale`."""
+    values = sorted(run[key] / scale for run in runs)
+    return f"{statistics.median(values):{digits}} ({values[0]:{digits}}-{values[-1]:{digits}})"
+
+
+def ratio_spread(numerators: list[dict], denominators: list[dict], key: str) -> tuple[float, str]:
+    """The ratio of the medians, and the range of the ratio over every pair of runs."""
+    ratios = sorted(a[key] / b[key] for a in numerators for b in denominators)
+    value = median(numerators, key) / median(denominators, key)
+    return value, f"{value:.3g} (range {ratios[0]:.3g}-{ratios[-1]:.3g})"
+
+
+def git_commit() -> str:
+    """The commit the figures come from (with -dirty when the checkout has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                  else "")
+
+
+def header(title: str, command: str) -> str:
+    """The heading of a benchmark's printout: what, the command that reproduces it, commit and machine."""
+    return f"\n## {title}\n\n`{command}` at commit {git_commit()} on {machine()}\n"
+
+
+class StepTimer(TrainerCallback):
+    """Timestamps the end of every optimizer step (synchronizing CUDA first), so throughput can
+    be taken over the steps after a warm-up."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+    def steady_seconds(self, warmup_steps: int) -> float:
+        """Wall time of the steps after the first `warmup_steps` (at least 1)."""
+        if not 1 <= warmup_steps < len(self.ends):
+            raise ValueError(f"{len(self.ends)} steps ran: need 1 or more warm-up steps and timed steps after them")
+        return self.ends[-1] - self.ends[warmup_steps - 1]

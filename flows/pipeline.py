@@ -239,15 +239,18 @@ def pipeline(
             if stages is None or name in stages:
                 stage_task(name, str(root), uses_gpu)
         logger.info("stages finished in %.1f s", time.monotonic() - started)
-        # a partial run records the stages it ran (the others' outputs may be missing)
-        saved = run_dvc(["exp", "save", "--force", *(["--name", experiment] if experiment else []),
-                         *[name for name, _ in order if stages is not None and name in stages]], root, logger.info)
+        # a partial run records and pushes the stages it ran (the others' outputs may be missing)
+        ran = [name for name, _ in order if stages is not None and name in stages]
+        saved = run_dvc(["exp", "save", "--force", *(["--name", experiment] if experiment else []), *ran],
+                        root, logger.info)
         if saved[0] != 0:
             raise RuntimeError(f"dvc exp save failed: {saved[1][-3:]}")
         remotes = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,
                                  text=True).stdout
         if remotes.strip():
-            run_dvc(["push"], root, logger.info)
+            pushed = run_dvc(["push", *ran], root, logger.info)
+            if pushed[0] != 0:  # the outputs are not on the remote: the run must not look done
+                raise RuntimeError(f"dvc push failed: {' | '.join(pushed[1][-3:])}")
         create_markdown_artifact(run_summary(root, overrides, experiment), key="stack-dpo-run",
                                  description="params, metrics, drops and where the model is")
         evaluation = root / METRICS / "evaluate.json"

@@ -72,6 +72,13 @@ MUTANTS = [
            "stages/pairs.py", "    if stored.get(\"pairs\", {}).get(split) != pairs_fingerprint(pairs[split]):",
            "    if False:",
            ("tests/test_trust.py::test_a_reference_of_other_rows_with_the_same_count_is_refused",)),
+    Mutant("the flow reports a run done when its dvc push failed",
+           "flows/pipeline.py", "            if pushed[0] != 0:", "            if False:",
+           ("tests/test_flow.py::test_flow_pushes_what_it_ran_to_the_dvc_remote_and_fails_when_the_push_fails",)),
+    Mutant("GPU stages run without holding the GPU slot",
+           "flows/pipeline.py", "    slot = concurrency(GPU_LIMIT, occupy=1, strict=True) if uses_gpu else",
+           "    slot = contextlib.nullcontext() if uses_gpu else",
+           ("tests/test_flow.py::test_gpu_stages_of_two_runs_hold_the_gpu_slot_one_at_a_time",)),
 ]
 
 

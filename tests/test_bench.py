@@ -1,6 +1,10 @@
 """The benchmarks' own pieces: synthetic data in the dataset's exact schema and layout, and the
 pipeline reading it like the Hub dataset."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -8,7 +12,7 @@ import pyarrow.parquet as pq
 from bench.data import make_mirror, project_workspace
 from stages import fetch, prepare
 from stages.prepare import SeenPairs
-from tests.conftest import inside
+from tests.conftest import REPO, inside
 
 
 def test_synthetic_mirror_has_the_schema_layout_and_lengths_of_the_dataset(tmp_path):
@@ -38,3 +42,10 @@ def test_seen_pairs_flags_repeats_within_and_across_batches():
     assert first.tolist() == [False, False, True, False]
     assert second.tolist() == [True, False, True, False]
     assert seen.sorted.tolist() == [1, 3, 4, 5, 9]
+
+
+def test_gpu_benchmark_without_cuda_says_it_skipped_and_exits_0():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}  # no CUDA, on any machine
+    done = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("SKIPPED: no CUDA device here") and "tokens/s" not in done.stdout

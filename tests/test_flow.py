@@ -1,7 +1,10 @@
 """The Prefect flow over the DVC stages, against Prefect's test harness (a real local API)."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,12 +13,13 @@ import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
-from stages.params import ParamsError
-from tests.conftest import FAST, make_clone, stage_processes
+from stages.params import ParamsError, deep_merge
+from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +136,120 @@ def test_stage_timeout_kills_the_stage_and_leaves_no_lock(harness, tmp_path):
     assert stage_processes(repo) == []
     rwlock = repo / ".dvc/tmp/rwlock"
     assert not rwlock.exists() or json.loads(rwlock.read_text()) == {"write": {}, "read": {}}
+
+
+def dvc_cli(repo: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def flow_run(repo: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """The flow in a process of its own (as a worker starts it), against this module's Prefect API."""
+    script = ("import json, sys\nfrom flows.pipeline import pipeline\n"
+              "pipeline(workdir=sys.argv[1], **json.loads(sys.argv[2]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value(), **(env or {})}
+    return subprocess.Popen([sys.executable, "-c", script, str(repo), json.dumps(kwargs)], cwd=repo, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_flow_pushes_what_it_ran_to_the_dvc_remote_and_fails_when_the_push_fails(harness, tmp_path):
+    repo = make_clone(tmp_path / "ws")
+    remote = tmp_path / "remote"
+    dvc_cli(repo, "remote", "add", "--local", "-d", "storage", str(remote))
+    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, return_state=True)
+    assert state.is_completed(), state
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+    raw = next(out for out in outs if out["path"] == "data/raw")
+    assert (remote / "files/md5" / raw["md5"][:2] / raw["md5"][2:]).is_file()  # its .dir listing, and below its files
+    assert len(list((remote / "files/md5").rglob("*"))) > raw["nfiles"]
+    # a remote that cannot be written: the run fails and says why, instead of looking done
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    dvc_cli(repo, "remote", "modify", "--local", "storage", "url", str(blocker / "remote"))
+    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="dvc push failed"):
+        state.result()
+
+
+RECORD_STAGE = """
+import json, os, sys, time
+started = time.time()
+time.sleep(float(sys.argv[2]))
+open(sys.argv[1] + ".txt", "w").write("done")
+with open(os.environ["INTERVALS"], "a") as fh:
+    fh.write(json.dumps([os.getcwd(), sys.argv[1], started, time.time()]) + "\\n")
+"""
+
+
+@pytest.mark.slow
+def test_gpu_stages_of_two_runs_hold_the_gpu_slot_one_at_a_time(harness, tmp_path):
+    """Two flow runs at once, each with a CPU stage and then a GPU stage (`meta: {gpu: true}`)
+    that runs 3 s: with one GPU slot their GPU stages never overlap."""
+    intervals = tmp_path / "intervals.jsonl"
+    repos = []
+    for name in ("a", "b"):
+        repo = make_clone(tmp_path / name)
+        (repo / "record.py").write_text(RECORD_STAGE)
+        (repo / "dvc.lock").unlink()
+        (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+            "cpu": {"cmd": "python record.py cpu 0", "outs": ["cpu.txt"]},
+            "gpu": {"cmd": "python record.py gpu 3", "deps": ["cpu.txt"], "outs": ["gpu.txt"], "meta": {"gpu": True}},
+        }}))
+        repos.append(repo)
+    runs = [flow_run(repo, {"INTERVALS": str(intervals)}, gpu_slots=1) for repo in repos]
+    for run in runs:
+        out, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, out[-3000:]
+    records = [json.loads(line) for line in intervals.read_text().splitlines()]
+    gpu = sorted((start, end) for _, stage, start, end in records if stage == "gpu")
+    assert len(gpu) == 2 and len(records) == 4
+    assert gpu[0][1] <= gpu[1][0], f"GPU stages overlapped: {gpu}"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+
+
+@pytest.mark.slow
+def test_a_stage_that_meets_a_busy_dvc_lock_is_retried_until_it_runs(harness, tmp_path):
+    repo = make_clone(tmp_path / "ws")
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(DEFAULT_PARAMS, FAST), sort_keys=False))
+    dvc_cli(repo, "repro", "--single-item", "fetch")
+    # another `dvc repro` reads data/raw (prepare) while the flow wants to rewrite it (fetch)
+    other = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", "prepare"], cwd=repo,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not stage_processes(repo, "prepare"):
+        assert time.monotonic() < deadline and other.poll() is None, other.communicate()[0]
+        time.sleep(0.05)
+    state = pipeline(workdir=str(repo), stages=["fetch"], retries=8, retry_backoff_s=1, retry_jitter_factor=0,
+                     return_state=True)
+    assert other.wait() == 0
+    assert state.is_completed(), state
+    assert task_run_counts(state)["fetch"] >= 2  # the first try met the lock and was retried
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert any("is busy, it is being blocked by" in log.message for log in logs)
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_flow_process_kills_the_stage_process_group(harness, tmp_path):
+    """A Prefect worker stops a run by SIGTERM to the flow process alone: the stage's dvc and
+    python processes must die with it and leave no DVC lock."""
+    repo = make_clone(tmp_path / "ws")
+    run = flow_run(repo, overrides={**FAST, "sft": {"train": {"max_steps": 500}}})
+    deadline = time.monotonic() + 300
+    while not stage_processes(repo, "sft"):
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()[0][-3000:]
+        time.sleep(0.2)
+    group = [p for p in psutil.process_iter(["cwd"]) if (p.info["cwd"] or "").startswith(str(repo))
+             and p.pid != run.pid]
+    assert group and all(os.getpgid(p.pid) != run.pid for p in group)  # they are in a group of their own
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode != 0, out[-3000:]
+    gone, alive = psutil.wait_procs(group, timeout=15)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert stage_processes(repo) == []
+    assert json.loads((repo / ".dvc/tmp/rwlock").read_text()) == {"write": {}, "read": {}}

@@ -82,6 +82,14 @@ def test_round_trip_gives_the_same_model(pushable, hub, tmp_path):
     assert torch.equal(pulled, original)
 
 
+def test_public_repo_when_private_is_false(pushable, hub):
+    set_params(pushable, {"push": {"private": False}})
+    done = push(pushable, hub.url)
+    assert done.returncode == 0, done.stderr
+    assert hub.repos["alice/tiny-dpo"].private is False
+    assert report(pushable)["pushed"] is True
+
+
 def test_model_card_carries_metrics_and_lineage(pushable, hub, tmp_path):
     assert push(pushable, hub.url).returncode == 0
     local = snapshot_download("alice/tiny-dpo", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache")

@@ -49,14 +49,20 @@ OUTPUTS = {
 }
 
 
-def dvc_env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+KILL_POINT_HOOK = Path(__file__).parent / "killpoint"  # its sitecustomize kills at STACK_DPO_KILL_POINT
 
 
-def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), capture_output=True,
-                            text=True)
+def dvc_env(kill_point: str = "") -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+    if kill_point:
+        env.update(PYTHONPATH=str(KILL_POINT_HOOK), STACK_DPO_KILL_POINT=kill_point)
+    return env
+
+
+def dvc(root: Path, *args: str, check: bool = True, kill_point: str = "") -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(kill_point),
+                            capture_output=True, text=True)
     assert not check or result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -138,7 +144,9 @@ def assert_same(rel: str, ours: Path, reference: Path) -> None:
 
 
 def leftovers(root: Path) -> list[Path]:
-    return [p for p in (root / "data").rglob(".*tmp-*")] + [p for p in (root / "models").rglob(".*tmp-*")]
+    """Temporaries of the crash-safe writer (`.name.tmp-PID-…`, `.name.old-PID`) left in the outputs."""
+    return [p for folder in ("data", "models", "metrics") for pattern in (".*.tmp-*", ".*.old-*")
+            for p in (root / folder).rglob(pattern)]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +157,24 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     return clone, lifetimes
 
 
+MAX_DRAWS = 6
+
+
+def assert_rerun_matches(clone: Path, reference: Path, stage: str) -> None:
+    """After a kill: DVC sees `stage` as not done, what output exists is whole, and a rerun
+    cleans the temporaries and gives the uninterrupted run's outputs."""
+    assert stage in json.loads(dvc(clone, "status", "--json", stage).stdout)
+    for rel in OUTPUTS[stage]:
+        if (clone / rel).exists() and not rel.startswith("metrics/"):
+            assert_same(rel, clone, reference)
+    rerun = dvc(clone, "repro", "--single-item", stage).stdout
+    assert "Running stage" in rerun, rerun
+    assert leftovers(clone) == []
+    for rel in OUTPUTS[stage]:
+        assert_same(rel, clone, reference)
+    assert_up_to_date(clone, stage)
+
+
 def test_each_stage_killed_at_a_random_moment_reruns_to_the_uninterrupted_result(uninterrupted, tmp_path):
     reference, lifetimes = uninterrupted
     clone = small_clone(tmp_path / "killed")
@@ -156,30 +182,27 @@ def test_each_stage_killed_at_a_random_moment_reruns_to_the_uninterrupted_result
     rng = random.Random(seed)
     print(f"kill moments from seed {seed} (set STACK_DPO_KILL_SEED to replay)")
     for stage in KILLED_STAGES:
-        delay = rng.uniform(0, lifetimes[stage])
-        proc = start_dvc(clone, "repro", "--single-item", stage)
-        stage_proc = wait_for_stage(clone, stage, proc)
-        time.sleep(delay)
-        try:
-            killed = stage_proc is not None and stage_proc.status() != psutil.STATUS_ZOMBIE
+        for attempt in range(MAX_DRAWS):  # a kill that misses (the stage already exited) is drawn again
+            delay = rng.uniform(0, lifetimes[stage])
+            # after a miss the stage is up to date: --force runs it again for the next draw
+            proc = start_dvc(clone, "repro", "--single-item", *(["--force"] if attempt else []), stage)
+            stage_proc = wait_for_stage(clone, stage, proc)
+            time.sleep(delay)
+            try:
+                killed = stage_proc is not None and stage_proc.status() != psutil.STATUS_ZOMBIE
+                if killed:
+                    stage_proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                killed = False
+            out, _ = proc.communicate()
+            print(f"{stage}: SIGKILL at {delay:.2f}s of {lifetimes[stage]:.2f}s, killed={killed}")
             if killed:
-                stage_proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            killed = False
-        out, _ = proc.communicate()
-        print(f"{stage}: SIGKILL at {delay:.2f}s of {lifetimes[stage]:.2f}s, killed={killed}")
-        if killed:  # DVC must not take the interrupted stage as done, and nothing is half-written
-            assert proc.returncode != 0, out
-            assert stage in json.loads(dvc(clone, "status", "--json", stage).stdout)
-            for rel in OUTPUTS[stage]:
-                if (clone / rel).exists() and not rel.startswith("metrics/"):
-                    assert_same(rel, clone, reference)
-        rerun = dvc(clone, "repro", "--single-item", stage).stdout
-        assert ("Running stage" in rerun) == killed, rerun
-        assert leftovers(clone) == []
-        for rel in OUTPUTS[stage]:
-            assert_same(rel, clone, reference)
-        assert_up_to_date(clone, stage)
+                break
+            assert proc.returncode == 0, out
+        assert killed, f"{stage}: {MAX_DRAWS} kill moments all missed the stage's process"
+        # DVC must not take the interrupted stage as done, and nothing is half-written
+        assert proc.returncode != 0, out
+        assert_rerun_matches(clone, reference, stage)
     dvc(clone, "repro", "--single-item", "evaluate")
     ours, theirs = (json.loads((root / "metrics/evaluate.json").read_text()) for root in (clone, reference))
     assert ours["n_pairs"] == theirs["n_pairs"]
@@ -189,6 +212,38 @@ def test_each_stage_killed_at_a_random_moment_reruns_to_the_uninterrupted_result
     lock, reference_lock = (yaml.safe_load((root / "dvc.lock").read_text())["stages"] for root in (clone, reference))
     for stage in ("fetch", "prepare"):
         assert lock[stage]["outs"] == reference_lock[stage]["outs"]
+
+
+# Fixed kill points, one per kind of state a kill can leave: temporaries of the crash-safe writer
+# before its rename, a checkpoint mid-run (resumed), and the last checkpoint before the adapter
+# is written (finished from it). PARAMS trains 8 steps and saves every 2.
+KILL_POINTS = {
+    "prepare": ("before-rename:data/processed/sft", 0),
+    "sft": ("after-write:checkpoints/sft/checkpoint-2/trainer_state.json", 2),
+    "dpo": ("after-write:checkpoints/dpo/checkpoint-8/trainer_state.json", 8),
+    "merge": ("before-rename:models/merged", 0),
+}
+
+
+def test_each_stage_killed_at_a_fixed_point_reruns_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    clone = small_clone(tmp_path / "killed")
+    for stage in ["fetch", *KILLED_STAGES[1:]]:
+        if stage not in KILL_POINTS:
+            dvc(clone, "repro", "--single-item", stage)
+            continue
+        point, resumed_from = KILL_POINTS[stage]
+        killed = dvc(clone, "repro", "--single-item", stage, check=False, kill_point=point)
+        assert killed.returncode != 0, killed.stdout
+        assert re.search(r"(killed|SIGKILL|-9)", killed.stdout + killed.stderr, re.I), killed.stderr
+        kind, _, target = point.partition(":")
+        if kind == "before-rename":  # the writer's temporary is there, its target not yet
+            assert not (clone / target).exists() and leftovers(clone), (target, leftovers(clone))
+        else:  # the checkpoint is complete and the stage's output is not written
+            assert (clone / target).is_file() and not (clone / OUTPUTS[stage][0]).exists()
+        assert_rerun_matches(clone, reference, stage)
+        if resumed_from:
+            assert json.loads((clone / f"metrics/{stage}.json").read_text())["resumed_from_step"] == resumed_from
 
 
 def test_two_dvc_repro_on_one_workspace(tmp_path):
