@@ -2,12 +2,14 @@
 dpo after changing only dpo.beta reuses them (the DVC-tracked output of the reference stage)
 instead of recomputing them.
 
-    python -m bench.beta_sweep
+    python -m bench.beta_sweep [--repeats 3]
 
-In a fresh clone with the default (tiny) params: fetch, prepare, sft; then the first DPO run
-(reference + dpo, beta 0.1); then beta 0.2 (DVC skips reference, reruns dpo); then beta 0.2
-again with the reference log-probs recomputed from scratch, whose metrics must be identical.
-Goal: the beta rerun takes at most 0.8x the first run's DPO time.
+In a fresh clone with the default (tiny) params: fetch, prepare, sft once; then, interleaved,
+`--repeats` times after one warm-up round, each with a new beta: a DPO run that computes the
+reference log-probs (reference forced, dpo) and a DPO run that reuses them (only dpo.beta
+changed: DVC skips reference, reruns dpo). Last, at the final beta, the reference is recomputed
+from scratch: metrics/dpo.json and metrics/evaluate.json must be identical to the reused run's.
+Goal: a run that reuses the reference takes at most 0.8x one that computes it (medians).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.measure import REPO, dvc, fresh_clone, machine, table, verdict
+from bench.measure import REPO, dvc, fresh_clone, header, interleaved, ratio_spread, spread, table
 
 RUNTIME_KEYS = ("train_runtime_s",)
 
@@ -36,37 +38,47 @@ def results(clone: Path) -> dict:
     return {"dpo": {k: v for k, v in dpo.items() if k not in RUNTIME_KEYS}, "evaluate": evaluation}
 
 
+def dpo_run(clone: Path, beta: float, recompute_reference: bool) -> dict:
+    """The reference and dpo stages at `beta`: seconds of each."""
+    set_beta(clone, beta)
+    shutil.rmtree(clone / "checkpoints/dpo", ignore_errors=True)  # a forced dpo would resume its finished run
+    force = ["--force"] if recompute_reference else []
+    reference = dvc(clone, "repro", *force, "--single-item", "reference")
+    assert ("Running stage 'reference'" in reference.output) == recompute_reference, reference.output
+    dpo = dvc(clone, "repro", "--force", "--single-item", "dpo")
+    return {"reference_s": reference.seconds, "dpo_s": dpo.seconds, "total_s": reference.seconds + dpo.seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/.work/beta-sweep")
     args = parser.parse_args()
     clone = fresh_clone(args.workdir)
     dvc(clone, "repro", "sft")
-    first = [dvc(clone, "repro", "--single-item", stage) for stage in ("reference", "dpo")]
-    set_beta(clone, 0.2)
-    rerun = [dvc(clone, "repro", "--single-item", stage) for stage in ("reference", "dpo")]
-    assert "didn't change" in rerun[0].output and "Running stage 'reference'" not in rerun[0].output
+    betas = iter([0.1 + 0.01 * i for i in range(100)])  # every DPO run trains with a beta of its own
+    runs = interleaved({"reference computed": lambda: dpo_run(clone, next(betas), True),
+                        "reference reused": lambda: dpo_run(clone, next(betas), False)}, args.repeats)
+    beta = next(betas)
+    dpo_run(clone, beta, False)
     dvc(clone, "repro", "evaluate")
     reused = results(clone)
-    shutil.rmtree(clone / "checkpoints/dpo")  # or the forced dpo would resume from its finished checkpoint
-    recomputed_stages = [dvc(clone, "repro", "--force", "--single-item", stage) for stage in ("reference", "dpo")]
+    dpo_run(clone, beta, True)
     dvc(clone, "repro", "--force", "--single-item", "merge")
     dvc(clone, "repro", "--force", "--single-item", "evaluate")
     recomputed = results(clone)
-    first_s, rerun_s = sum(m.seconds for m in first), sum(m.seconds for m in rerun)
-    print(f"\n## beta sweep on the default params ({machine()})\n")
-    print(table(["run", "reference stage s", "dpo stage s", "total s"], [
-        ["first (beta 0.1): reference computed", first[0].seconds, first[1].seconds, first_s],
-        ["beta 0.2: reference reused (DVC skips it)", rerun[0].seconds, rerun[1].seconds, rerun_s],
-        ["beta 0.2: reference recomputed (forced)", recomputed_stages[0].seconds, recomputed_stages[1].seconds,
-         sum(m.seconds for m in recomputed_stages)],
-    ]))
+    print(header(f"beta sweep on the default params, median (range) of {args.repeats} interleaved runs",
+                 f"python -m bench.beta_sweep --repeats {args.repeats}"))
+    print(table(["DPO run", "reference stage s", "dpo stage s", "total s"],
+                [[name, spread(r, "reference_s"), spread(r, "dpo_s"), spread(r, "total_s")]
+                 for name, r in runs.items()]))
     same = reused == recomputed
-    print(f"\nmetrics with reused reference: {json.dumps(reused['evaluate'])}")
-    print(f"metrics with recomputed reference: {json.dumps(recomputed['evaluate'])}")
+    print(f"\nmetrics at beta {beta:.2f}, reference reused: {json.dumps(reused['evaluate'])}")
+    print(f"metrics at beta {beta:.2f}, reference recomputed: {json.dumps(recomputed['evaluate'])}")
     print("\n## goals\n")
-    ratio = rerun_s / first_s
-    print(verdict("beta rerun / first DPO run (reference + dpo)", ratio, "<= 0.8", ratio <= 0.8))
+    ratio, text = ratio_spread(runs["reference reused"], runs["reference computed"], "total_s")
+    print(f"- DPO run reusing the reference / computing it: {text} (goal <= 0.8): "
+          f"{'MET' if ratio <= 0.8 else 'NOT MET'}")
     print(f"- metrics (metrics/dpo.json and metrics/evaluate.json) identical to the recomputed run: "
           f"{'MET' if same else 'NOT MET'}")
 

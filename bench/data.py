@@ -3,12 +3,20 @@
 on synthetic rows in the exact schema of lvwerra/stack-exchange-paired, read from a local
 mirror laid out like the Hub repo.
 
-    python -m bench.data                      # 100k and 1M rows (about 20 GB of disk under --workdir)
-    python -m bench.data --rows 20000 100000  # a quicker look
+    python -m bench.data                       # 20k and 80k rows, 3 interleaved repeats (about 15 min)
+    python -m bench.data --rows 100000 1000000 --repeats 3   # dataset scale (hours, 10 GB of disk)
+
+Texts are cut from the bundled sample's markdown (code blocks included) with the real dataset's
+lengths, roughly (log-normal, no floor: questions about 1 kB and answers about 1.6 kB on
+average, a tail of short ones). Token counts are the tiny model's tokenizer's (a BPE of about 2k
+tokens trained on the sample; the printout gives its characters per token), which stands in
+for the real model's here.
 
 Prints rows per second, peak memory of the whole process tree and rows kept for each, and the
-goals: peak memory flat in the row count (1M within 1.2x of 100k), 2 processes >= 1.7x one, and
-20k rows capped from the largest source <= 1.5x the cost of a 20k-row source.
+goals: peak memory flat in the row count (the largest size within 1.2x of the smallest), 2
+processes >= 1.7x one, and `--cap` rows capped from the largest source <= 1.5x the cost of a
+`--cap`-row source. Every figure is the median (range) of `--repeats` runs, interleaved, after
+one warm-up round at the smallest size.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from bench.measure import GIB, REPO, machine, run, table, verdict
+from bench.measure import GIB, REPO, header, interleaved, ratio_spread, run, spread, table
 from stages.fetch import SCHEMA
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired/data"
@@ -33,40 +41,43 @@ SMALL_SPLIT_ROWS = 2_000  # finetune and evaluation: the benchmark's volume is i
 RECIPE_LIMITS = {"max_prompt_length": 512, "max_length": 1024}
 
 
-def corpora() -> tuple[str, list[str]]:
-    """Running text and code blocks taken from the bundled sample (markdown, code, six sites)."""
+def corpus() -> str:
+    """Running text taken from the bundled sample: markdown with code blocks, six sites."""
     texts = []
     for path in sorted(SAMPLE.rglob("*.parquet")):
         table_ = pq.read_table(path, columns=["question", "response_j", "response_k"])
         for column in table_.columns:
             texts += column.to_pylist()
-    text = "\n\n".join(texts)
-    code = re.findall(r"```.*?```", text, flags=re.S) or ["```python\nprint('hello')\n```"]
-    return text, code
+    return "\n\n".join(texts)
 
 
-def synthetic_rows(rows: int, rng: np.random.Generator, text: str, code: list[str], first_qid: int) -> pa.Table:
-    """Rows with questions and answers of 0.5 to 5 kB (log-uniform), half with a code block,
+# Character lengths of the real dataset's texts, roughly: questions about 1 kB and answers about
+# 1.6 kB on average, most shorter than the mean, a tail of short ones and a few very long ones.
+# Log-normal with sigma 0.8 (mean = median x 1.38); no floor.
+MEDIAN_CHARS = {"question": 730, "answer": 1160}
+SIGMA = 0.8
+MAX_CHARS = 20_000
+
+
+def synthetic_rows(rows: int, rng: np.random.Generator, text: str, first_qid: int) -> pa.Table:
+    """Rows with log-normal text lengths (MEDIAN_CHARS, SIGMA) cut from `text` at random places,
     1 to 3 answer pairs per question."""
-    def documents(n: int) -> list[str]:
-        lengths = np.exp(rng.uniform(np.log(500), np.log(5000), n)).astype(int)
-        starts = rng.integers(0, len(text) - 5000, n)
-        blocks = rng.integers(0, len(code), n)
-        with_code = rng.random(n) < 0.5
-        return [text[s:s + n_] + (f"\n\n{code[b]}\n" if c else "")
-                for s, n_, b, c in zip(starts, lengths, blocks, with_code)]
+    def documents(n: int, median: int) -> list[str]:
+        lengths = np.minimum(rng.lognormal(np.log(median), SIGMA, n), MAX_CHARS).astype(int) + 1
+        starts = rng.integers(0, len(text) - MAX_CHARS, n)
+        return [text[start:start + length] for start, length in zip(starts, lengths)]
 
     pairs_per_question = rng.integers(1, 4, rows)
     qid_of_row = np.repeat(np.arange(rows), pairs_per_question)[:rows] + first_qid
-    questions = documents(rows)
+    questions = documents(rows, MEDIAN_CHARS["question"])
     question_of_row = [questions[q - first_qid] for q in qid_of_row]
     return pa.table({
         "qid": qid_of_row.astype(np.int64),
         "question": question_of_row,
         "date": ["2023/01/01"] * rows,
         "metadata": [[f"https://stackoverflow.com/questions/{q}"] for q in qid_of_row],
-        "response_j": documents(rows),
-        "response_k": documents(rows),
+        "response_j": documents(rows, MEDIAN_CHARS["answer"]),
+        "response_k": documents(rows, MEDIAN_CHARS["answer"]),
     }, schema=SCHEMA)
 
 
@@ -76,7 +87,7 @@ def make_mirror(root: Path, rows: int, seed: int = 0) -> Path:
     if done.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
-    rng, (text, code) = np.random.default_rng(seed), corpora()
+    rng, text = np.random.default_rng(seed), corpus()
     splits = {"rl": rows, "finetune": SMALL_SPLIT_ROWS, "evaluation": SMALL_SPLIT_ROWS}
     qid = 0
     for split, count in splits.items():
@@ -84,7 +95,7 @@ def make_mirror(root: Path, rows: int, seed: int = 0) -> Path:
         (root / "data" / split).mkdir(parents=True)
         for shard in range(shards):
             n = min(SHARD_ROWS, count - shard * SHARD_ROWS)
-            pq.write_table(synthetic_rows(n, rng, text, code, qid),
+            pq.write_table(synthetic_rows(n, rng, text, qid),
                            root / "data" / split / f"train-{shard:05d}-of-{shards:05d}.parquet")
             qid += n
     done.touch()
@@ -149,46 +160,70 @@ def run_seed(root: Path, mirror: Path, num_proc: int) -> dict:
     return {"seconds": measured.seconds, "peak_rss": measured.peak_rss, "input": rows, "kept": kept}
 
 
+def chars_per_token(mirror: Path, rows: int = 2000) -> float:
+    from stages.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")
+    table_ = pq.read_table(next((mirror / "data/rl").glob("*.parquet"))).slice(0, rows)
+    texts = [t for column in ("question", "response_j", "response_k") for t in table_.column(column).to_pylist()]
+    return sum(map(len, texts)) / sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--cap", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, nargs=2, default=[20_000, 80_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--cap", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/.work")
     args = parser.parse_args()
-    sizes = sorted(args.rows)
-    mirrors = {n: make_mirror(args.workdir / f"mirror-{n}", n) for n in sorted({*sizes, args.cap})}
-    results, rows_out = {}, []
-    for n in sizes:
-        for who, procs in (("project", 1), ("project", 2), ("seed", 1), ("seed", 2)):
-            if n != sizes[0] and procs == 1:
-                continue  # one-process runs at the smallest size only: the scaling figure
-            runner = run_project if who == "project" else run_seed
-            r = runner(args.workdir / f"{who}-{n}-{procs}", mirrors[n], procs)
-            results[who, n, procs] = r
-            rows_out.append([who, f"{n:,}", procs, r["input"] / r["seconds"], r["seconds"], r["peak_rss"] / GIB,
-                             r["kept"], f"{r['kept'] / r['input']:.1%}"])
-            print(f"{who} {n:,} rows, {procs} proc: {r}", flush=True)
-    capped = run_project(args.workdir / "capped", mirrors[sizes[-1]], 2, rl_cap=args.cap)
-    small = run_project(args.workdir / "small", mirrors[args.cap], 2)
-    print(f"\n## fetch + prepare of the rl split ({machine()})\n")
-    print("Project: fetch (streamed, capped) + prepare (token-exact filter, recipe limits 512/1024 tokens of the "
-          "tiny tokenizer). Seed: load_dataset + map + character filter (1024 characters).\n")
-    print(table(["pipeline", "rows", "processes", "rows/s", "seconds", "peak RSS GiB", "kept", "kept share"],
+    small, large = sorted(args.rows)
+    mirrors = {n: make_mirror(args.workdir / f"mirror-{n}", n) for n in sorted({small, large, args.cap})}
+    work = args.workdir / "run"
+
+    def setup(who: str, n: int, procs: int, cap: int | None = None):
+        if who == "seed":
+            return lambda: run_seed(work, mirrors[n], procs)
+        return lambda: run_project(work, mirrors[n], procs, cap)
+
+    # one process at the smallest size only: the scaling figure
+    at_small = interleaved({f"{who} {procs}": setup(who, small, procs)
+                            for who in ("project", "seed") for procs in (1, 2)}, args.repeats)
+    at_large = interleaved({f"{who} 2": setup(who, large, 2) for who in ("project", "seed")}, args.repeats,
+                           warmup=False)
+    caps = interleaved({"capped": setup("project", large, 2, args.cap), "small": setup("project", args.cap, 2)},
+                       args.repeats, warmup=False)
+    for runs in (*at_small.values(), *at_large.values()):
+        for r in runs:
+            r["rows_per_s"] = r["input"] / r["seconds"]
+    rows_out = []
+    for n, results in ((small, at_small), (large, at_large)):
+        for name, runs in results.items():
+            who, procs = name.split()
+            kept = runs[0]["kept"]
+            rows_out.append([who, f"{n:,}", procs, spread(runs, "rows_per_s", digits=",.0f"), spread(runs, "seconds"),
+                             spread(runs, "peak_rss", GIB), f"{kept:,}", f"{kept / runs[0]['input']:.1%}"])
+    print(header(f"fetch + prepare of the rl split, median (range) of {args.repeats} interleaved runs",
+                 f"python -m bench.data --rows {small} {large} --cap {args.cap} --repeats {args.repeats}"))
+    print(f"Synthetic rows: questions {MEDIAN_CHARS['question']} and answers {MEDIAN_CHARS['answer']} characters "
+          f"median (log-normal, sigma {SIGMA}); the tiny tokenizer reads {chars_per_token(mirrors[small]):.2f} "
+          "characters per token of them. Project: fetch (streamed, capped) + prepare (token-exact filter, the "
+          "recipe's limits 512/1024 tokens). Seed: load_dataset + map + character filter (1024 characters).\n")
+    print(table(["pipeline", "rows", "processes", "rows/s", "seconds", "peak memory GiB", "kept", "kept share"],
                 rows_out))
-    print(f"\nproject drops at {sizes[-1]:,} rows: {results['project', sizes[-1], 2]['dropped']}")
-    print(f"\n{args.cap:,} rl rows: capped from {sizes[-1]:,} rows {capped['seconds']:.1f} s, "
-          f"from a {args.cap:,}-row source {small['seconds']:.1f} s")
+    print(f"\nproject drops at {large:,} rows: {at_large['project 2'][0]['dropped']}")
+    print(f"\n{args.cap:,} rl rows: capped from {large:,} rows {spread(caps['capped'], 'seconds')} s, "
+          f"from a {args.cap:,}-row source {spread(caps['small'], 'seconds')} s")
     print("\n## goals\n")
-    flat = results["project", sizes[-1], 2]["peak_rss"] / results["project", sizes[0], 2]["peak_rss"]
-    print(verdict(f"peak RSS {sizes[-1]:,} / {sizes[0]:,} rows", flat, "<= 1.2", flat <= 1.2))
-    speedup = results["project", sizes[0], 1]["seconds"] / results["project", sizes[0], 2]["seconds"]
-    print(verdict(f"throughput 2 processes / 1 ({sizes[0]:,} rows)", speedup, ">= 1.7", speedup >= 1.7))
-    cap_cost = capped["seconds"] / small["seconds"]
-    print(verdict(f"cost of {args.cap:,} rows capped from {sizes[-1]:,} / from {args.cap:,}", cap_cost, "<= 1.5",
-                  cap_cost <= 1.5))
-    ours, seed = results["project", sizes[-1], 2], results["seed", sizes[-1], 2]
-    print(f"- rows/s at {sizes[-1]:,} rows, 2 processes: project {ours['input'] / ours['seconds']:,.0f}, "
-          f"seed {seed['input'] / seed['seconds']:,.0f} (ratio {seed['seconds'] / ours['seconds']:.2f}x)")
+    flat, flat_text = ratio_spread(at_large["project 2"], at_small["project 2"], "peak_rss")
+    print(f"- peak memory {large:,} / {small:,} rows: {flat_text} (goal <= 1.2): {'MET' if flat <= 1.2 else 'NOT MET'}")
+    speedup, speedup_text = ratio_spread(at_small["project 2"], at_small["project 1"], "rows_per_s")
+    print(f"- throughput 2 processes / 1 ({small:,} rows): {speedup_text} (goal >= 1.7): "
+          f"{'MET' if speedup >= 1.7 else 'NOT MET'}")
+    cap_cost, cap_text = ratio_spread(caps["capped"], caps["small"], "seconds")
+    print(f"- cost of {args.cap:,} rows capped from {large:,} / from {args.cap:,}: {cap_text} (goal <= 1.5): "
+          f"{'MET' if cap_cost <= 1.5 else 'NOT MET'}")
+    ratio = ratio_spread(at_large["seed 2"], at_large["project 2"], "seconds")[1]
+    print(f"- seconds at {large:,} rows, 2 processes, seed / project: {ratio}")
 
 
 if __name__ == "__main__":

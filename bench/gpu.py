@@ -2,9 +2,17 @@
 SFT and DPO steps at length 1024: tokens per second, peak GPU memory and model FLOPs
 utilisation, the project's setup against the seed recipe's.
 
-    python -m bench.gpu [--steps 5]
+    python -m bench.gpu [--steps 25] [--warmup-steps 5] [--repeats 3]
 
-Runs where CUDA exists; elsewhere it prints why it is skipped and exits 0.
+Runs where CUDA exists; elsewhere it prints why it is skipped and exits 0. Each setup runs in a
+process of its own, the setups alternate (`--repeats` rounds after a warm-up round), and only
+steps after the first `--warmup-steps` are timed (CUDA synchronized at each step's end);
+figures are medians with their range.
+Tokens: the tiny model's tokenizer (about 2k tokens; no Llama tokenizer can be downloaded on a
+GPU worker without internet) encodes the texts, which are long enough that every sequence
+fills the 1024 tokens (SFT rows are packed; each DPO pair trains a chosen and a rejected
+sequence: 2 x 1024 tokens). The model has Llama 2's 32,000-row vocabulary, so the FLOPs are
+the 7B model's; only the token ids come from a smaller range.
 - SFT: both run TRL's SFTTrainer with packing, batch 4, gradient checkpointing (the project's
   sft stage keeps the recipe's setup; the row is there to show it costs the same).
 - DPO: seed = the 4-bit policy with a new LoRA adapter plus a second 4-bit model as model_ref,
@@ -19,10 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from bench.measure import REPO, run, table
+from bench.measure import REPO, StepTimer, header, interleaved, ratio_spread, run, spread, table
 
 LENGTH = 1024
 BATCH = 4
@@ -47,15 +54,22 @@ def make_model(folder: Path) -> Path:
 
 
 def texts(n: int) -> list[dict]:
+    """n pairs from the sample, each text repeated until prompt + answer is well over 1024 tokens."""
     import pyarrow.parquet as pq
+
+    from stages.prepare import seed_prompts
+
+    def repeat(text: str, chars: int) -> str:
+        return text * (chars // max(len(text), 1) + 1)
 
     rows = pq.read_table(REPO / "data/sample/stack-exchange-paired/data/rl").to_pylist()
     rows = (rows * (n // len(rows) + 1))[:n]
-    return [{"prompt": "Question: " + r["question"] * 3 + "\n\nAnswer: ", "chosen": r["response_j"] * 6,
-             "rejected": r["response_k"] * 6} for r in rows]
+    prompts = seed_prompts([repeat(r["question"], 800) for r in rows])
+    return [{"prompt": prompt, "chosen": repeat(r["response_j"], 6000), "rejected": repeat(r["response_k"], 6000)}
+            for prompt, r in zip(prompts, rows)]
 
 
-def step(kind: str, setup: str, folder: Path, steps: int) -> dict:
+def step(kind: str, setup: str, folder: Path, steps: int, warmup_steps: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -79,37 +93,43 @@ def step(kind: str, setup: str, folder: Path, steps: int) -> dict:
                   max_steps=steps, learning_rate=1e-4, bf16=True, gradient_checkpointing=True, report_to="none",
                   save_strategy="no", disable_tqdm=True, optim="paged_adamw_32bit", logging_steps=1)
     rows = texts(BATCH * steps * 8)
+    short = [r for r in rows[:64] if len(tokenizer(r["prompt"] + r["rejected"])["input_ids"]) < LENGTH]
+    assert not short, "a benchmark text is shorter than the sequence length: the token count would be wrong"
+    timer = StepTimer()
     torch.cuda.reset_peak_memory_stats()
     if kind == "sft":
         data = Dataset.from_list([{"text": r["prompt"] + r["chosen"]} for r in rows])
         trainer = SFTTrainer(model=load(), args=SFTConfig(max_length=LENGTH, packing=True, **common),
-                             train_dataset=data, processing_class=tokenizer, peft_config=lora)
+                             train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     elif setup == "seed":
         trainer = DPOTrainer(model=load(), ref_model=load(), args=DPOConfig(max_length=LENGTH, **common),
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora)
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora,
+                             callbacks=[timer])
     else:
         policy = get_peft_model(prepare_model_for_kbit_training(load()), lora)  # stands in for the SFT adapter
         trainer = StoredReferenceDPOTrainer(
             model=policy, ref_model=None, args=DPOConfig(max_length=LENGTH, precompute_ref_log_probs=True, **common),
-            train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
+            train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    tokens = max(e.get("num_tokens", 0) for e in trainer.state.log_history) or steps * BATCH * LENGTH
+    seconds = timer.steady_seconds(warmup_steps)
+    sequences_per_step = BATCH * (2 if kind == "dpo" else 1)  # a DPO pair trains two sequences
+    tokens = (steps - warmup_steps) * sequences_per_step * LENGTH
     parameters = 6.74e9
     name = torch.cuda.get_device_name()
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-    peak_gib = torch.cuda.max_memory_allocated() / 1024**3
-    mfu = 6 * parameters * tokens / seconds / peak if peak else None
-    return {"kind": kind, "setup": setup, "tokens_per_s": tokens / seconds, "peak_gib": peak_gib, "mfu": mfu,
-            "device": name}
+    return {"tokens_per_s": tokens / seconds, "pairs_per_s": (steps - warmup_steps) * BATCH / seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / 1024**3,
+            "mfu": 6 * parameters * tokens / seconds / peak if peak else float("nan"), "device": name}
+
+
+SETUPS = [("sft", "seed"), ("sft", "project"), ("dpo", "seed"), ("dpo", "project")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/.work/gpu")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,17 +140,29 @@ def main() -> None:
         return
     folder = args.workdir / "llama-2-7b-shaped"
     if args.child:
-        print("RESULT " + json.dumps(step(*args.child, folder, args.steps)))
+        print("RESULT " + json.dumps(step(*args.child, folder, args.steps, args.warmup_steps)))
         return
     make_model(folder)
-    results = []
-    for kind, setup in (("sft", "seed"), ("sft", "project"), ("dpo", "seed"), ("dpo", "project")):
+
+    def child(kind: str, setup: str) -> dict:
         out = run([sys.executable, "-m", "bench.gpu", "--child", kind, setup, "--steps", str(args.steps),
-                   "--workdir", str(args.workdir)], REPO)
-        results.append(json.loads(out.output.split("RESULT ", 1)[1].splitlines()[0]))
-    print(f"\n## GPU, Llama-2-7B shape, 4-bit QLoRA, length {LENGTH}, batch {BATCH} ({results[0]['device']})\n")
-    print(table(["stage", "setup", "tokens/s", "peak GPU GiB", "MFU"],
-                [[r["kind"], r["setup"], r["tokens_per_s"], r["peak_gib"], r["mfu"] or "n/a"] for r in results]))
+                   "--warmup-steps", str(args.warmup_steps), "--workdir", str(args.workdir)], REPO)
+        return json.loads(out.output.split("RESULT ", 1)[1].splitlines()[0])
+
+    runs = interleaved({f"{kind} {setup}": (lambda k=kind, s=setup: child(k, s)) for kind, setup in SETUPS},
+                       args.repeats)
+    device = runs["sft seed"][0]["device"]
+    print(header(f"GPU, Llama-2-7B shape, 4-bit QLoRA, length {LENGTH}, batch {BATCH}, steps {args.warmup_steps + 1}"
+                 f"-{args.steps} timed, median (range) of {args.repeats} interleaved runs ({device})",
+                 f"python -m bench.gpu --steps {args.steps} --warmup-steps {args.warmup_steps} "
+                 f"--repeats {args.repeats}"))
+    print(table(["stage", "setup", "tokens/s", "DPO pairs/s", "peak GPU GiB", "MFU"],
+                [[*name.split(), spread(r, "tokens_per_s", digits=",.0f"),
+                  spread(r, "pairs_per_s") if name.startswith("dpo") else "", spread(r, "peak_gib"), spread(r, "mfu")]
+                 for name, r in runs.items()]))
+    print(f"\n- DPO pairs/s, project / seed: {ratio_spread(runs['dpo project'], runs['dpo seed'], 'pairs_per_s')[1]}")
+    print(f"- SFT tokens/s, project / seed (the same setup today: an A/A check of the noise): "
+          f"{ratio_spread(runs['sft project'], runs['sft seed'], 'tokens_per_s')[1]}")
 
 
 if __name__ == "__main__":

@@ -91,10 +91,6 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def verdict(name: str, value: float, goal: str, met: bool) -> str:
-    return f"- {name}: {value:.3g} (goal {goal}): {'MET' if met else 'NOT MET'}"
-
-
 def fresh_clone(dest: Path) -> Path:
     """A clone of this repository's committed HEAD, as a user would start from."""
     import shutil
