@@ -161,8 +161,11 @@ def run_seed(root: Path, mirror: Path, num_proc: int) -> dict:
 
 
 def chars_per_token(mirror: Path, rows: int = 2000) -> float:
+    from transformers.utils import logging as hf_logging
+
     from stages.modeling import load_tokenizer
 
+    hf_logging.set_verbosity_error()  # texts over the tiny model's 2048 positions are only counted here
     tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")
     table_ = pq.read_table(next((mirror / "data/rl").glob("*.parquet"))).slice(0, rows)
     texts = [t for column in ("question", "response_j", "response_k") for t in table_.column(column).to_pylist()]
