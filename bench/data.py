@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from bench.measure import GIB, REPO, header, interleaved, ratio_spread, run, spread, table
-from stages.fetch import SCHEMA
+from stack_dpo.dataset import RAW_SCHEMA as SCHEMA
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired/data"
 SHARD_ROWS = 50_000
@@ -163,7 +163,7 @@ def run_seed(root: Path, mirror: Path, num_proc: int) -> dict:
 def chars_per_token(mirror: Path, rows: int = 2000) -> float:
     from transformers.utils import logging as hf_logging
 
-    from stages.modeling import load_tokenizer
+    from stack_dpo.modeling import load_tokenizer
 
     hf_logging.set_verbosity_error()  # texts over the tiny model's 2048 positions are only counted here
     tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")

@@ -39,8 +39,8 @@ def make_model(folder: Path, vocab_size: int | None) -> Path:
     from peft import get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from stages.modeling import lora_config
-    from stages.params import LoraParams
+    from stack_dpo.modeling import lora_config
+    from stack_dpo.params import LoraParams
 
     if (folder / "adapter" / "adapter_config.json").exists():
         return folder
@@ -80,9 +80,9 @@ def train(mode: str, folder: Path, steps: int, warmup_steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from stages.dpo import StoredReferenceDPOTrainer
-    from stages.modeling import lora_config
-    from stages.params import LoraParams
+    from stack_dpo.compat import StoredReferenceDPOTrainer
+    from stack_dpo.modeling import lora_config
+    from stack_dpo.params import LoraParams
 
     torch.manual_seed(0)
     before = current_rss()

@@ -57,14 +57,14 @@ def texts(n: int) -> list[dict]:
     """n pairs from the sample, each text repeated until prompt + answer is well over 1024 tokens."""
     import pyarrow.parquet as pq
 
-    from stages.prepare import seed_prompts
+    from stack_dpo.dataset import format_prompts
 
     def repeat(text: str, chars: int) -> str:
         return text * (chars // max(len(text), 1) + 1)
 
     rows = pq.read_table(REPO / "data/sample/stack-exchange-paired/data/rl").to_pylist()
     rows = (rows * (n // len(rows) + 1))[:n]
-    prompts = seed_prompts([repeat(r["question"], 800) for r in rows])
+    prompts = format_prompts([repeat(r["question"], 800) for r in rows])
     return [{"prompt": prompt, "chosen": repeat(r["response_j"], 6000), "rejected": repeat(r["response_k"], 6000)}
             for prompt, r in zip(prompts, rows)]
 
@@ -76,9 +76,9 @@ def step(kind: str, setup: str, folder: Path, steps: int, warmup_steps: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from stages.dpo import StoredReferenceDPOTrainer
-    from stages.modeling import lora_config
-    from stages.params import LoraParams
+    from stack_dpo.compat import StoredReferenceDPOTrainer
+    from stack_dpo.modeling import lora_config
+    from stack_dpo.params import LoraParams
 
     lora = lora_config(LoraParams(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "v_proj"]))
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

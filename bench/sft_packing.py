@@ -28,19 +28,19 @@ def sft_texts():
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    from stages.prepare import seed_prompts
+    from stack_dpo.dataset import format_prompts
 
     raw = pq.read_table(REPO / "data/sample/stack-exchange-paired/data/finetune").to_pylist()
-    prompts = seed_prompts([r["question"] for r in raw])
+    prompts = format_prompts([r["question"] for r in raw])
     return Dataset.from_dict({"text": [prompt + r["response_j"] for prompt, r in zip(prompts, raw)]})
 
 
 def tokens_per_second(packing: bool, strategy: str, steps: int, warmup_steps: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from stages import training
-    from stages.modeling import load_base_model, load_tokenizer, lora_config
-    from stages.params import load_params
+    from stack_dpo import training
+    from stack_dpo.modeling import load_base_model, load_tokenizer, lora_config
+    from stack_dpo.params import load_params
 
     params = load_params(REPO / "params.yaml")
     timer = StepTimer()

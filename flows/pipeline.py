@@ -37,10 +37,10 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
-from stages.cli import PERMANENT_FAILURE
-from stages.outputs import write_text_atomic
-from stages.params import PARAMS_FILE, deep_merge, flatten, validate
-from stages.paths import MERGED, METRICS, PUSH_REPORT
+from stack_dpo.entrypoint import PERMANENT_FAILURE
+from stack_dpo.outputs import write_text_atomic
+from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, validate
+from stack_dpo.paths import MERGED, METRICS, PUSH_REPORT
 
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit GPU stages hold a slot of
 KILL_GRACE_S = 10

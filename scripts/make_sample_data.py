@@ -32,7 +32,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.fetch import SCHEMA  # the Hub dataset's columns and types
+from stack_dpo.dataset import RAW_SCHEMA as SCHEMA  # the Hub dataset's columns and types
 
 DEFAULT_ROWS = {"finetune": 1500, "rl": 1500, "evaluation": 300}
 ROWS_PER_SHARD = 1000

@@ -9,87 +9,22 @@ models/dpo is the SFT adapter trained further by DPO: merging it applies both st
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from transformers.integrations import DVCLiveCallback
-from trl import DPOConfig, DPOTrainer
-
-from stages import training
-from stages.cli import main
-from stages.modeling import load_adapter_model, load_tokenizer, preflight
-from stages.pairs import REFERENCE_COLUMNS, load_pairs, with_stored_reference
-from stages.params import InvalidInput, Params
-from stages.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFERENCE, SFT_ADAPTER
-
-GUARD_PAIRS = 16        # eval pairs scored before the first step of a fresh run
-GUARD_TOLERANCE = 0.02  # |loss - ln 2| and |mean reward| allowed there (numeric noise only)
-
-
-class StoredReferenceDPOTrainer(DPOTrainer):
-    """Reads the reference log-probs stored beside the pairs instead of computing them again."""
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        if set(REFERENCE_COLUMNS) <= set(dataset.column_names):
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
-
-
-def build_trainer(params: Params, config: DPOConfig, checkpoint: Path | None, with_reference: bool = True):
-    """The DPO trainer; without `with_reference` it computes the reference log-probs itself at start."""
-    tokenizer = load_tokenizer(SFT_ADAPTER)
-    policy = load_adapter_model(params.model, SFT_ADAPTER, trainable=True)
-    policy.config.use_cache = False
-    pairs = load_pairs(params)
-    if with_reference:
-        pairs = with_stored_reference(pairs)
-    return StoredReferenceDPOTrainer(
-        model=policy,
-        ref_model=None,  # TRL switches to a frozen copy of the SFT adapter for any reference it computes
-        args=config,
-        train_dataset=pairs["train"],
-        eval_dataset=pairs["eval"],
-        processing_class=tokenizer,
-        callbacks=training.dvclive_callbacks("dpo", resume=checkpoint is not None) if with_reference else [],
-    )
-
-
-def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
-    return DPOConfig(
-        beta=params.dpo.beta,
-        max_length=params.prepare.max_length,  # prepare dropped longer pairs, so nothing is truncated
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=params.reference.batch_size,
-        **training.trainer_kwargs(params.dpo.train, params.model, output_dir),
-    )
-
-
-def check_policy_equals_reference(trainer) -> dict:
-    """Before the first step of a fresh run the policy is the SFT model, so on any pairs the DPO
-    loss is ln 2 and the rewards are 0. Anything else means the stored reference is not the SFT
-    model's or does not belong to these rows: stop before training on it."""
-    live = trainer.pop_callback(DVCLiveCallback)  # a check, not a point of the training curves
-    pairs = trainer.eval_dataset.select(range(min(GUARD_PAIRS, len(trainer.eval_dataset))))
-    trainer.evaluate(eval_dataset=pairs)
-    found = trainer.state.log_history.pop()  # nor of the trainer's history; TRL's metrics are logged, not returned
-    if live is not None:
-        trainer.add_callback(live)
-    guard = {key: found[f"eval_{key}"] for key in ("loss", "rewards/chosen", "rewards/rejected")}
-    if (abs(guard["loss"] - math.log(2)) > GUARD_TOLERANCE
-            or max(abs(guard["rewards/chosen"]), abs(guard["rewards/rejected"])) > GUARD_TOLERANCE):
-        raise InvalidInput(
-            f"dpo: before training, where the policy is the SFT model, the loss on {len(pairs)} eval pairs is "
-            f"{guard['loss']:.4f} (expected ln 2 = 0.6931) and the mean rewards are {guard['rewards/chosen']:.4f} / "
-            f"{guard['rewards/rejected']:.4f} (expected 0): the stored reference log-probs ({REFERENCE}) are not the "
-            f"SFT model's ({SFT_ADAPTER}) or do not belong to these rows; rerun `dvc repro reference`")
-    return guard
+from stack_dpo import training
+from stack_dpo.dpo import build_trainer, check_policy_equals_reference, dpo_config
+from stack_dpo.entrypoint import main
+from stack_dpo.modeling import preflight
+from stack_dpo.params import Params
+from stack_dpo.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFERENCE, SFT_ADAPTER
 
 
 def run(params: Params) -> dict:
     preflight(params.model)  # a refused run leaves the checkpoints as they were
-    inputs_hash = training.fingerprint(
-        [params.model, params.dpo, params.prepare], [DPO_DATA, REFERENCE, SFT_ADAPTER, Path(params.model.name_or_path)]
-    )
+    inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
+        "dpo", {"model": params.model, "dpo": params.dpo, "launch": params.launch,
+                "prepare.max_length": params.prepare.max_length},
+        [DPO_DATA, REFERENCE, SFT_ADAPTER, Path(params.model.name_or_path)])
     config = dpo_config(params, CHECKPOINTS / "dpo")
     checkpoint = training.checkpoint_to_resume(config, CHECKPOINTS / "dpo", inputs_hash)
     trainer = build_trainer(params, config, checkpoint)
@@ -102,3 +37,4 @@ def run(params: Params) -> dict:
 
 if __name__ == "__main__":
     main(run, distributed=True)
+

@@ -21,69 +21,15 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow.parquet as pq
-import torch
-
-from stages.card import model_card
-from stages.cli import main
-from stages.modeling import DTYPES, cast_weights, load_adapter_model, load_tokenizer, merged_model, pair_logps
-from stages.outputs import atomic_dir, parquet_files, write_json_atomic
-from stages.pairs import load_pairs, load_reference
-from stages.params import InvalidInput, Params
-from stages.paths import DPO_ADAPTER, DPO_DATA, MERGED, METRICS
+from stack_dpo.card import model_card
+from stack_dpo.entrypoint import main
+from stack_dpo.merge import merge, merge_gap
+from stack_dpo.modeling import DTYPES
+from stack_dpo.outputs import atomic_dir, write_json_atomic
+from stack_dpo.params import InvalidInput, Params
+from stack_dpo.paths import MERGED, METRICS
 
 log = logging.getLogger("stages.merge")
-
-
-def sample_inputs(tokenizer, n: int) -> dict[str, torch.Tensor]:
-    rows = pq.read_table(parquet_files(DPO_DATA / "eval")[0]).slice(0, n).to_pylist()
-    texts = [row["prompt"] + row["chosen"] for row in rows]
-    return tokenizer(texts, return_tensors="pt", padding=True)
-
-
-def merge(params: Params):
-    """Returns (merged model in merge.save_dtype, tokenizer, max |logit difference| against the
-    float32 adapter model)."""
-    tokenizer = load_tokenizer(DPO_ADAPTER)
-    merged, max_diff = merged_model(params.model, DPO_ADAPTER, params.merge.save_dtype,
-                                    check_inputs=sample_inputs(tokenizer, params.merge.check_samples))
-    return merged, tokenizer, max_diff
-
-
-@torch.no_grad()
-def logit_gap(model_a, model_b, tokenizer, texts: list[str], batch_size: int) -> tuple[float, float]:
-    """(mean, max) |logit difference| of two models over every token of `texts`."""
-    total, count, worst = 0.0, 0, 0.0
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
-        mask = inputs["attention_mask"].bool()
-        logits = [model(**{k: v.to(model.device) for k, v in inputs.items()}).logits.float()[mask.to(model.device)]
-                  for model in (model_a, model_b)]
-        diff = (logits[0] - logits[1].to(logits[0].device)).abs()
-        total, count, worst = total + diff.sum().item(), count + diff.numel(), max(worst, diff.max().item())
-    return total / max(count, 1), worst
-
-
-def merge_gap(params: Params, merged, tokenizer) -> dict:
-    """The model as trained against the merged model on the first merge.gap_pairs held-out pairs."""
-    held_out = load_pairs(params)
-    pairs, reference = held_out["eval"], load_reference(held_out, ("eval",))["eval"]
-    n = min(params.merge.gap_pairs or len(pairs), len(pairs))
-    pairs, reference = pairs.select(range(n)), reference.select(range(n))
-    ref_chosen = torch.tensor(reference["ref_chosen_logps"])
-    ref_rejected = torch.tensor(reference["ref_rejected_logps"])
-    as_trained = load_adapter_model(params.model, DPO_ADAPTER)  # NF4 + adapter with the 4-bit profile
-    merged = cast_weights(merged, params.model.dtype)  # as evaluate loads models/merged
-    batch = params.evaluate.batch_size
-    accuracy = {}
-    for name, model in (("as_trained", as_trained), ("merged", merged)):
-        chosen, rejected = pair_logps(model, tokenizer, pairs, batch)
-        accuracy[name] = ((chosen - ref_chosen) > (rejected - ref_rejected)).float().mean().item()
-    texts = [p + a for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]) for a in (c, r)]
-    mean_diff, max_diff = logit_gap(as_trained, merged, tokenizer, texts, batch)
-    return {"pairs": n, "accuracy_as_trained": accuracy["as_trained"], "accuracy_merged": accuracy["merged"],
-            "accuracy_drop": accuracy["as_trained"] - accuracy["merged"],
-            "mean_logit_diff": mean_diff, "max_logit_diff": max_diff}
 
 
 def run(params: Params) -> dict:
@@ -109,3 +55,4 @@ def run(params: Params) -> dict:
 
 if __name__ == "__main__":
     main(run)
+

@@ -20,18 +20,18 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
-from stages import dpo
-from stages.cli import main
-from stages.outputs import atomic_dir, write_json_atomic
-from stages.pairs import FINGERPRINT_FILE, REFERENCE_COLUMNS, load_pairs, reference_fingerprint
-from stages.params import Params
-from stages.paths import METRICS, REFERENCE
+from stack_dpo.dpo import build_trainer, dpo_config
+from stack_dpo.entrypoint import main
+from stack_dpo.outputs import atomic_dir, write_json_atomic
+from stack_dpo.pairs import FINGERPRINT_FILE, REFERENCE_COLUMNS, load_pairs, reference_fingerprint
+from stack_dpo.params import Params
+from stack_dpo.paths import METRICS, REFERENCE
 
 
 def run(params: Params) -> dict:
     datasets.disable_caching()  # TRL would otherwise also keep them in ~/.cache, outside what DVC tracks
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = dpo.build_trainer(params, dpo.dpo_config(params, Path(scratch)), None, with_reference=False)
+        trainer = build_trainer(params, dpo_config(params, Path(scratch)), None, with_reference=False)
     metrics = {}
     with atomic_dir(REFERENCE) as tmp:
         for split, data in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):

@@ -10,18 +10,20 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from stages import training
-from stages.cli import main
-from stages.hub import hub_revision
-from stages.modeling import load_base_model, load_tokenizer, lora_config, preflight
-from stages.outputs import load_splits
-from stages.params import Params
-from stages.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
+from stack_dpo import training
+from stack_dpo.entrypoint import main
+from stack_dpo.hub import hub_revision
+from stack_dpo.modeling import load_base_model, load_tokenizer, lora_config, preflight
+from stack_dpo.outputs import load_splits
+from stack_dpo.params import Params
+from stack_dpo.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 
 def run(params: Params) -> dict:
     preflight(params.model)  # a refused run leaves the checkpoints as they were
-    inputs_hash = training.fingerprint([params.model, params.sft], [SFT_DATA, Path(params.model.name_or_path)])
+    inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
+        "sft", {"model": params.model, "sft": params.sft, "launch": params.launch},
+        [SFT_DATA, Path(params.model.name_or_path)])
     config = SFTConfig(
         dataset_text_field="text",
         max_length=params.sft.seq_length,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import deep_merge, load_params
+from stack_dpo.params import deep_merge, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -29,36 +29,36 @@ class Mutant(NamedTuple):
 
 MUTANTS = [
     Mutant("the length filter lets a pair one token over prepare.max_length through",
-           "stages/prepare.py", "bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit",
+           "stack_dpo/prepare.py", "bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit",
            "bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit + 1",
            ("tests/test_prepare.py::test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit",)),
     Mutant("resume restores the step but not the weights",
-           "stages/training.py", "        result = trainer.train(resume_from_checkpoint=",
+           "stack_dpo/training.py", "        result = trainer.train(resume_from_checkpoint=",
            "        trainer._load_from_checkpoint = lambda *args, **kwargs: None\n"
            "        result = trainer.train(resume_from_checkpoint=",
            ("tests/test_training.py::test_killed_training_resumes_from_its_latest_checkpoint[sft-4]",)),
     Mutant("dpo recomputes the reference from the policy instead of reading the stored log-probs",
-           "stages/dpo.py", "        pairs = with_stored_reference(pairs)", "        pass",
+           "stack_dpo/dpo.py", "        pairs = with_stored_reference(pairs)", "        pass",
            ("tests/test_trust.py::test_dpo_stops_when_the_stored_reference_is_not_the_sft_models",)),
     Mutant("merge skips its logit check",
            "stages/merge.py", "    if not max_diff <= params.merge.atol:", "    if False:",
            ("tests/test_merge_evaluate_push.py::test_merge_fails_beyond_tolerance_and_keeps_the_previous_output",)),
     Mutant("prepare swaps chosen and rejected in one pair of a hundred",
-           "stages/prepare.py", "        writer.write(pairs.filter(pa.array(keep[passing])))",
+           "stack_dpo/prepare.py", "        writer.write(pairs.filter(pa.array(keep[passing])))",
            "        kept = pairs.filter(pa.array(keep[passing]))\n"
            "        swap = pa.array(np.arange(kept.num_rows) % 100 == 0)\n"
            "        writer.write(kept.set_column(1, 'chosen', pc.if_else(swap, kept['rejected'], kept['chosen']))"
            ".set_column(2, 'rejected', pc.if_else(swap, kept['chosen'], kept['rejected'])))",
            ("tests/test_prepare.py::test_dpo_pairs_match_the_seed_mapping_exactly",)),
     Mutant("push uploads unchanged files again",
-           "stages/push.py", "        operations.append(CommitOperationAdd(path_in_repo=\"README.md\"",
+           "stack_dpo/push.py", "        operations.append(CommitOperationAdd(path_in_repo=\"README.md\"",
            "        operations.append(CommitOperationAdd(path_in_repo=\"pushed_at.txt\", "
            "path_or_fileobj=str(__import__('time').time_ns()).encode()))\n"
            "        operations.append(CommitOperationAdd(path_in_repo=\"README.md\"",
            ("tests/test_push.py::test_second_push_of_the_same_model_makes_no_commit",)),
     Mutant("evaluate loads the reference in 4-bit while the final model is 16-bit",
            "stages/evaluate.py", "    reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)",
-           "    from stages.modeling import load_adapter_model\n"
+           "    from stack_dpo.modeling import load_adapter_model\n"
            "    reference, _ = load_adapter_model(params.model, SFT_ADAPTER), None",
            ("tests/test_trust.py::test_evaluate_never_loads_a_4bit_model",)),
     Mutant("a refused run deletes a checkpoint",
@@ -66,10 +66,10 @@ MUTANTS = [
            "    pass",
            ("tests/test_bad_inputs.py::test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were[sft]",)),
     Mutant("workers of a killed prepare outlive it (and hold its pipes open)",
-           "stages/prepare.py", '    if sys.platform.startswith("linux"):', "    if False:",
+           "stack_dpo/prepare.py", '    if sys.platform.startswith("linux"):', "    if False:",
            ("tests/test_prepare.py::test_workers_of_a_killed_prepare_do_not_outlive_it",)),
     Mutant("dpo trains against reference log-probs of other rows with the same count",
-           "stages/pairs.py", "    if stored.get(\"pairs\", {}).get(split) != pairs_fingerprint(pairs[split]):",
+           "stack_dpo/pairs.py", "    if stored.get(\"pairs\", {}).get(split) != pairs_fingerprint(pairs[split]):",
            "    if False:",
            ("tests/test_trust.py::test_a_reference_of_other_rows_with_the_same_count_is_refused",)),
     Mutant("the flow reports a run done when its dvc push failed",
@@ -79,6 +79,18 @@ MUTANTS = [
            "flows/pipeline.py", "    slot = concurrency(GPU_LIMIT, occupy=1, strict=True) if uses_gpu else",
            "    slot = contextlib.nullcontext() if uses_gpu else",
            ("tests/test_flow.py::test_gpu_stages_of_two_runs_hold_the_gpu_slot_one_at_a_time",)),
+    Mutant("a stage imports another stage (dvc.yaml then misses that stage's code)",
+           "stages/reference.py", "from stack_dpo.entrypoint import main\n",
+           "from stages import dpo  # noqa: F401\nfrom stack_dpo.entrypoint import main\n",
+           ("tests/test_layout.py",)),
+    Mutant("the resume fingerprint hashes the whole library (editing the model card drops checkpoints)",
+           "stack_dpo/training.py", "    files += [(name, layout.ROOT / name) for name in layout.code_files(stage)]",
+           "    files += [(str(p), p) for p in sorted((layout.ROOT / 'stack_dpo').glob('*.py'))]",
+           ("tests/test_training.py::test_resume_fingerprint_covers_what_training_depends_on_and_nothing_else",)),
+    Mutant("push dereferences a Hub error without a response",
+           "stack_dpo/push.py", "        status = exc.response.status_code if exc.response is not None else None",
+           "        status = exc.response.status_code",
+           ("tests/test_push.py::test_a_hub_error_other_than_401_is_reported_as_retryable",)),
 ]
 
 

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.modeling import load_base_model, load_tokenizer
+from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
-from stages.modeling import load_base_model, load_tokenizer
-from stages.params import InvalidInput
 from tests.conftest import REPO, inside, make_workspace, stage_env
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired"
@@ -49,7 +50,7 @@ def test_extra_columns_are_ignored(tmp_path):
     ws = mirror_with(tmp_path, "rl", lambda t: t.append_column("score", pa.array([1] * t.num_rows)))
     with inside(ws) as params:
         fetch.run(params)
-    assert pq.read_table(ws / "data/raw/rl").column_names == fetch.SCHEMA.names
+    assert pq.read_table(ws / "data/raw/rl").column_names == RAW_SCHEMA.names
 
 
 def test_wrong_column_type_is_named(tmp_path):
@@ -85,7 +86,7 @@ def _raw_workspace(tmp_path):
 def _rewrite_rl(ws, rows_or_table):
     shard = ws / "data/raw/rl/part-00000.parquet"
     table = rows_or_table if isinstance(rows_or_table, pa.Table) else pa.Table.from_pylist(rows_or_table,
-                                                                                              schema=fetch.SCHEMA)
+                                                                                              schema=RAW_SCHEMA)
     pq.write_table(table, shard)
 
 
@@ -95,7 +96,7 @@ def test_control_characters_duplicates_and_invalid_utf8_are_dropped_by_reason(tm
     rows[0]["question"] += "\x00\x07"
     rows[1]["response_k"] = "bell \x1b[31m escape"
     rows[5] = dict(rows[4])  # the same pair twice
-    table = pa.Table.from_pylist(rows, schema=fetch.SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
     # a lone surrogate as it arrives from a bad encoder: bytes that are not UTF-8
     broken = table.column("response_j").combine_chunks().view(pa.binary()).to_pylist()
     broken[2] = b"half a character \xed\xa0\x80 here"
@@ -125,7 +126,7 @@ def test_tokenizer_without_pad_token_pads_with_eos():
 
 
 def test_4bit_without_cuda_is_a_clear_error(monkeypatch):
-    from stages.params import ModelParams
+    from stack_dpo.params import ModelParams
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU hosts too
     model = ModelParams(name_or_path=str(REPO / "data/sample/tiny-llama"), quantization="4bit")
@@ -148,7 +149,7 @@ def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tm
     shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
     shard = ws / "data/processed/reference/eval/part-00000.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 5), shard)  # a stale reference of other pairs
-    from stages import pairs
+    from stack_dpo import pairs
 
     with inside(ws) as params, pytest.raises(InvalidInput, match=r"reference/eval: 5 rows for the \d+ pairs they "
                                                                     r"were computed for; rerun the reference"):

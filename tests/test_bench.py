@@ -10,8 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.data import make_mirror, project_workspace
+from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.prepare import SeenPairs
 from stages import fetch, prepare
-from stages.prepare import SeenPairs
 from tests.conftest import REPO, inside
 
 
@@ -19,7 +20,7 @@ def test_synthetic_mirror_has_the_schema_layout_and_lengths_of_the_dataset(tmp_p
     mirror = make_mirror(tmp_path / "mirror", 3000)
     shards = sorted((mirror / "data/rl").glob("train-*-of-*.parquet"))
     table = pq.read_table(shards[0])
-    assert table.schema == fetch.SCHEMA and sum(pq.read_metadata(p).num_rows for p in shards) == 3000
+    assert table.schema == RAW_SCHEMA and sum(pq.read_metadata(p).num_rows for p in shards) == 3000
     for split in ("finetune", "evaluation"):
         assert list((mirror / "data" / split).glob("train-*.parquet"))
     # the real dataset's lengths, roughly: about 1 kB questions, 1.6 kB answers, a tail of short ones

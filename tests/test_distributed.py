@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
+from stack_dpo.entrypoint import accelerate_command
+from stack_dpo.modeling import load_adapter_model, load_tokenizer
+from stack_dpo.params import InvalidInput, LaunchParams
 from stages import fetch, prepare
-from stages.cli import accelerate_command
-from stages.modeling import load_adapter_model, load_tokenizer
-from stages.params import InvalidInput, LaunchParams
 from tests.conftest import FAST, REPO, inside, make_workspace, stage_env
 
 pytestmark = pytest.mark.slow

@@ -3,6 +3,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from stack_dpo.dataset import RAW_SCHEMA
 from stages import fetch
 from tests.conftest import inside, make_workspace
 
@@ -17,7 +18,7 @@ def test_fetch_writes_raw_splits_with_caps(workspace):
     for split, n in counts.items():
         table = pq.read_table(workspace / "data" / "raw" / split)
         assert table.num_rows == n
-        assert table.schema.equals(fetch.SCHEMA)
+        assert table.schema.equals(RAW_SCHEMA)
     # the first rows of the source, in order: the cap stops reading, it does not sample
     source = pq.read_table(workspace / "data/sample/stack-exchange-paired/data/rl").slice(0, 160)
     assert pq.read_table(workspace / "data/raw/rl").column("qid").equals(source.column("qid"))

@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
-from stages.params import ParamsError, deep_merge
+from stack_dpo.params import ParamsError, deep_merge
 from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
 
 

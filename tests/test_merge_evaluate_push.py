@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from stack_dpo.merge import sample_inputs
+from stack_dpo.modeling import load_adapter_model, load_tokenizer
+from stack_dpo.params import InvalidInput
 from stages import merge, push
-from stages.modeling import load_adapter_model, load_tokenizer
-from stages.params import InvalidInput
 from tests.conftest import inside
 
 
@@ -19,7 +20,7 @@ def test_merged_model_is_16_bit_and_matches_the_adapter_model(trained):
     with inside(trained) as params:
         tokenizer = load_tokenizer(merged_dir)
         adapter_model = load_adapter_model(params.model, "models/dpo")
-        inputs = merge.sample_inputs(tokenizer, 4)
+        inputs = sample_inputs(tokenizer, 4)
         with torch.no_grad():
             want = adapter_model(**inputs).logits
             got = merged.float()(**inputs).logits

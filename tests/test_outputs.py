@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from stages.outputs import atomic_dir, write_text_atomic
+from stack_dpo.outputs import atomic_dir, write_text_atomic
 
 
 def dead_pid() -> int:

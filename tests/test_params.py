@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from stages.params import ParamsError, deep_merge, load_params, profile_set_args, validate
+from stack_dpo.params import ParamsError, deep_merge, load_params, profile_set_args, validate
 from tests.conftest import DEFAULT_PARAMS, REPO, stage_env
 
 

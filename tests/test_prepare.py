@@ -3,8 +3,9 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 
+from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.modeling import load_tokenizer, pair_token_ids
 from stages import fetch, prepare
-from stages.modeling import load_tokenizer, pair_token_ids
 from tests.conftest import inside, make_workspace
 
 NO_LIMITS = {"prepare": {"max_prompt_length": 10_000, "max_length": 10_000}}
@@ -85,7 +86,7 @@ def test_bad_rows_are_dropped_by_reason(tmp_path):
     rows[3]["qid"] = eval_qid
     rows[4]["response_k"] = ""
     rows[5]["response_k"] = rows[5]["response_k"] + " word" * 20_000  # far beyond max_length in tokens
-    pq.write_table(pa.Table.from_pylist(rows, schema=fetch.SCHEMA), rl)
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), rl)
     with inside(ws) as params:
         metrics = prepare.run(params)
     dropped = metrics["dpo/train"]["dropped"]
@@ -162,7 +163,7 @@ def test_workers_and_batch_size_do_not_change_the_output(tmp_path):
             fetch.run(params)
         rl = ws / "data/raw/rl/part-00000.parquet"
         rows = pq.read_table(rl).to_pylist()
-        pq.write_table(pa.Table.from_pylist(rows + rows[:20], schema=fetch.SCHEMA), rl)  # 20 repeated pairs
+        pq.write_table(pa.Table.from_pylist(rows + rows[:20], schema=RAW_SCHEMA), rl)  # 20 repeated pairs
         with inside(ws) as params:
             metrics = prepare.run(params)
         tables = {split: pq.read_table(ws / "data/processed/dpo" / split) for split in ("train", "eval")}

@@ -168,3 +168,26 @@ def test_token_is_written_nowhere(pushable, hub):
     for commit in hub.commits.values():
         for blob in commit.files.values():
             assert blob.content is None or TOKEN.encode() not in blob.content
+
+
+@pytest.mark.parametrize("response, expected", [
+    (None, "failed without a response"),  # no AttributeError on a missing response
+    (503, "answered 503"),
+])
+def test_a_hub_error_other_than_401_is_reported_as_retryable(response, expected):
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from stack_dpo.push import PushError, check_access
+
+    class FailingHub(HfApi):
+        def whoami(self, *args, **kwargs):
+            answer = httpx2.Response(response or 500, request=httpx2.Request("GET", "http://127.0.0.1:9/whoami"))
+            error = HfHubHTTPError("whoami failed", response=answer)
+            error.response = None if response is None else answer  # the attribute is Optional in the library
+            raise error
+
+    with pytest.raises(RuntimeError, match=expected) as raised:
+        check_access(FailingHub(endpoint="http://127.0.0.1:9"), "alice/tiny-dpo")
+    assert not isinstance(raised.value, PushError)  # not invalid input: the flow retries it

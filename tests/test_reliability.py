@@ -28,7 +28,7 @@ from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
 from flows.pipeline import pipeline
-from stages.params import deep_merge, flatten
+from stack_dpo.params import deep_merge, flatten
 from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
 
 pytestmark = pytest.mark.slow

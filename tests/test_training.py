@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages import dpo, fetch, prepare
-from stages.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
-from tests.conftest import inside, make_workspace, stage_env
+from stack_dpo.dpo import build_trainer, dpo_config
+from stack_dpo.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
+from stages import fetch, prepare
+from tests.conftest import REPO, inside, make_workspace, stage_env
 
 
 def test_sft_and_dpo_write_adapters_and_metrics(trained):
@@ -40,7 +41,7 @@ def test_dpo_reference_is_the_sft_model_without_a_second_base(trained, tmp_path)
     stage, read (not recomputed) by dpo, equal to TRL's own reference pass before and after
     training, while the policy moves; the base weights exist once (no ref_model)."""
     with inside(trained) as params:
-        trainer = dpo.build_trainer(params, dpo.dpo_config(params, tmp_path), checkpoint=None)
+        trainer = build_trainer(params, dpo_config(params, tmp_path), checkpoint=None)
         trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
         eval_rows = pq.read_table(trained / "data/processed/dpo/eval").slice(0, 4).to_pylist()
         stored = pq.read_table(trained / "data/processed/reference/eval").slice(0, 4)
@@ -145,7 +146,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, uninterrup
 
 
 def test_changed_inputs_do_not_resume_old_checkpoints(tmp_path):
-    from stages import training
+    from stack_dpo import training
 
     folder = tmp_path / "ckpt"
     (folder / "checkpoint-2").mkdir(parents=True)
@@ -157,3 +158,37 @@ def test_changed_inputs_do_not_resume_old_checkpoints(tmp_path):
     (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (folder / "checkpoint-3").mkdir()  # killed while saving: no trainer_state.json
     assert training.resume_point(folder, "new") == folder / "checkpoint-2"
+
+
+def test_resume_fingerprint_covers_what_training_depends_on_and_nothing_else(tmp_path, monkeypatch):
+    """The code the stage imports, its params (launch included) and its inputs: editing the
+    model card's code keeps the checkpoints, another process count does not."""
+    import shutil
+
+    from stack_dpo import layout, training
+    from stack_dpo.params import load_params
+
+    code = tmp_path / "code"
+    for package in layout.PACKAGES:
+        shutil.copytree(REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(layout, "ROOT", code)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part.parquet").write_bytes(b"rows")
+    params = load_params(REPO / "params.yaml")
+
+    def stamp(**launch) -> str:
+        return training.fingerprint("sft", {"model": params.model, "sft": params.sft,
+                                            "launch": params.launch.model_copy(update=launch)}, [data])
+
+    before = stamp()
+    assert "stack_dpo/card.py" not in layout.code_files("sft") and "stack_dpo/training.py" in layout.code_files("sft")
+    (code / "stack_dpo/card.py").write_text("# the model card changed\n")
+    assert stamp() == before
+    assert stamp(num_processes=params.launch.num_processes + 1) != before
+    (data / "part.parquet").write_bytes(b"other rows")
+    after_data = stamp()
+    assert after_data != before
+    with (code / "stack_dpo/training.py").open("a") as fh:
+        fh.write("# the trainer setup changed\n")
+    assert stamp() != after_data

@@ -12,8 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages import dpo, evaluate, fetch, merge, pairs, prepare, push, sft
-from stages.params import InvalidInput
+from stack_dpo import pairs
+from stack_dpo.evaluate import baselines, preference_accuracy, wilson_interval
+from stack_dpo.params import InvalidInput
+from stack_dpo.push import unvetted_note, unvetted_reasons
+from stages import dpo, evaluate, fetch, merge, prepare, push, sft
 from tests.conftest import REPO, inside, make_workspace
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired/data"
@@ -52,12 +55,12 @@ def test_at_least_200_held_out_pairs_pass_the_default_filters(tmp_path):
 
 
 def test_baselines_and_interval_are_computed_as_defined():
-    assert evaluate.preference_accuracy([3, 1, 2, 2], [1, 3, 2, 0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-    low, high = evaluate.wilson_interval(0.9, 100)  # the textbook Wilson interval of 90/100
+    assert preference_accuracy([3, 1, 2, 2], [1, 3, 2, 0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    low, high = wilson_interval(0.9, 100)  # the textbook Wilson interval of 90/100
     assert (low, high) == pytest.approx((0.8256, 0.9448), abs=1e-4)
     rows = {"chosen": ["a much longer answer ```x```", "short", "same"],
             "rejected": ["short", "a longer rejected ```y```", "same"]}
-    got = evaluate.baselines(rows, torch.tensor([-1.0, -5.0, -2.0]), torch.tensor([-2.0, -1.0, -2.0]))
+    got = baselines(rows, torch.tensor([-1.0, -5.0, -2.0]), torch.tensor([-2.0, -1.0, -2.0]))
     assert got == {"baseline/length_accuracy": pytest.approx(1.5 / 3),
                    "baseline/code_block_accuracy": pytest.approx(1.5 / 3),
                    "baseline/sft_accuracy": pytest.approx(1.5 / 3)}
@@ -215,5 +218,5 @@ def test_push_refuses_a_model_that_does_not_beat_its_baselines(trained, tmp_path
         with pytest.raises(InvalidInput, match=r"push refused: held-out accuracy .* does not beat "
                                                r"baseline/length_accuracy .*merging lost 0.500 .*allow_unvetted"):
             push.run(enabled)
-        reasons = push.unvetted_reasons(enabled, metrics, gap)
-    assert len(reasons) == 2 and "Warning: pushed although" in push.unvetted_note(reasons)
+        reasons = unvetted_reasons(enabled, metrics, gap)
+    assert len(reasons) == 2 and "Warning: pushed although" in unvetted_note(reasons)

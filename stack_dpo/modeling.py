@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from stages.hub import HUB_ID
-from stages.params import InvalidInput, LoraParams, ModelParams
+from stack_dpo.hub import HUB_ID
+from stack_dpo.params import InvalidInput, LoraParams, ModelParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

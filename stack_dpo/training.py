@@ -22,13 +22,15 @@ from dvclive import Live
 from transformers import TrainerState
 from transformers.integrations import DVCLiveCallback
 
-from stages.outputs import atomic_dir, write_json_atomic
-from stages.params import ModelParams, TrainingParams
+from stack_dpo import layout
+from stack_dpo.compat import load_checkpoint_weights
+from stack_dpo.outputs import atomic_dir, write_json_atomic
+from stack_dpo.params import ModelParams, TrainingParams
+from stack_dpo.paths import DVCLIVE
 
 FINGERPRINT = "inputs.sha256"
 KEPT_METRICS = ("loss", "mean_token_accuracy", "rewards/", "logps/")  # the rest is in the dvclive plots
-CODE = Path(__file__).parent
-log = logging.getLogger("stages.training")
+log = logging.getLogger("stack_dpo.training")
 
 
 def is_main_process() -> bool:
@@ -36,17 +38,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def fingerprint(params: list, inputs: list[Path]) -> str:
-    """Hash of params (pydantic sections) and the bytes of every file under `inputs` and the stage code."""
-    digest = hashlib.sha256(json.dumps([p.model_dump() for p in params], sort_keys=True).encode())
-    for root in [*inputs, CODE]:
-        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
-            if path.suffix == ".pyc":
-                continue
-            digest.update(str(path).encode())
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+def fingerprint(stage: str, params: dict, inputs: list[Path]) -> str:
+    """Hash of what a training stage's result depends on, and nothing else: the params it trains
+    with ({name: section or value}), the bytes of every file under `inputs`, and its code
+    (layout.code_files: its entry point and the library modules it imports, not all of them)."""
+    values = {name: value.model_dump() if hasattr(value, "model_dump") else value for name, value in params.items()}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
+    files = [(str(path), path) for root in inputs
+             for path in ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()))]
+    files += [(name, layout.ROOT / name) for name in layout.code_files(stage)]
+    for name, path in files:
+        digest.update(name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -100,7 +105,7 @@ def dvclive_callbacks(stage: str, resume: bool) -> list[DVCLiveCallback]:
     """The dvclive logger of dvclive/<stage>, on rank 0 only (Live also cleans its folder when it starts)."""
     if not is_main_process():
         return []
-    live = Live(dir=f"dvclive/{stage}", resume=resume, save_dvc_exp=False, dvcyaml=None)
+    live = Live(dir=str(DVCLIVE / stage), resume=resume, save_dvc_exp=False, dvcyaml=None)
     return [DVCLiveCallback(live=live)]
 
 
@@ -109,7 +114,7 @@ def train(trainer, checkpoint: Path | None) -> dict:
     if checkpoint is not None and int(checkpoint.name.split("-")[1]) >= trainer.args.max_steps:
         # Killed after its last checkpoint: training is done. (Resuming from it, the trainer
         # would run one step past max_steps.) Take the weights and state from the checkpoint.
-        trainer._load_from_checkpoint(str(checkpoint))
+        load_checkpoint_weights(trainer, checkpoint)
         trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
         runtime = 0.0
     else:

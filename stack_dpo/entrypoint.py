@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from stages.params import InvalidInput, LaunchParams, Params, load_params
+from stack_dpo.params import InvalidInput, LaunchParams, Params, load_params
 
 PERMANENT_FAILURE = "stack-dpo: invalid input, not retrying:"
 

@@ -1,7 +1,7 @@
 """Typed schema of params.yaml, validated before any stage does work.
 
 Unknown keys are rejected and a bad value fails with its key, the value and what is
-allowed. `python -m stages.params --profile profiles/llama2-7b.yaml` prints the profile as
+allowed. `python -m stack_dpo.params --profile profiles/llama2-7b.yaml` prints the profile as
 `dvc exp run -S key=value` arguments, and `--run-exp NAME` runs that experiment
 (what `make exp-full` uses).
 """

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from stages.params import Params
+from stack_dpo.params import Params
+from stack_dpo.paths import DVCLIVE
 
 DATASET = "lvwerra/stack-exchange-paired"
 TEMPLATE = """---
@@ -92,7 +93,7 @@ def lock_hashes(lock_file: Path = Path("dvc.lock")) -> list[tuple[str, str, str]
     return rows
 
 
-def render_plots(out_dir: Path, dvclive_dir: Path = Path("dvclive")) -> list[tuple[str, str]]:
+def render_plots(out_dir: Path, dvclive_dir: Path = DVCLIVE) -> list[tuple[str, str]]:
     """PNG training curves from the dvclive logs; returns (title, file name) of those drawn."""
     import matplotlib
 

@@ -1,4 +1,4 @@
-"""The contract paths of ../shared/DESIGN.md, named once; dvc.yaml lists the same ones."""
+"""The contract paths (docs/design.md), named once; dvc.yaml lists the same ones (tests/test_layout.py)."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ SFT_ADAPTER = Path("models/sft")
 DPO_ADAPTER = Path("models/dpo")
 MERGED = Path("models/merged")
 CHECKPOINTS = Path("checkpoints")        # {sft,dpo}/: DVC `persist` outputs, resumed from
+DVCLIVE = Path("dvclive")                # {sft,dpo}/: training curves, DVC `persist` outputs
 METRICS = Path("metrics")                # {prepare,sft,dpo,merge,evaluate}.json
 EVAL_REPORT = Path("reports/evaluate.md")
 PUSH_REPORT = Path("reports/push.json")

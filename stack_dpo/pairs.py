@@ -15,9 +15,9 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from stages.outputs import load_splits
-from stages.params import InvalidInput, Params
-from stages.paths import DPO_DATA, REFERENCE, SFT_ADAPTER
+from stack_dpo.outputs import load_splits
+from stack_dpo.params import InvalidInput, Params
+from stack_dpo.paths import DPO_DATA, REFERENCE, SFT_ADAPTER
 
 REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 FINGERPRINT_FILE = REFERENCE / "fingerprint.json"

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-log = logging.getLogger("stages.hub")
+log = logging.getLogger("stack_dpo.hub")
 
 
 def hub_revision(name_or_path: str, repo_type: str) -> str | None:

@@ -1,0 +1,56 @@
+"""The private TRL and transformers methods this project relies on, each used here and nowhere
+else. A release that renames one or changes its arguments fails at import with a message that
+names it (and tests/test_compat.py fails), instead of silently taking another code path:
+
+- `DPOTrainer._precompute_ref_logps(dataset, name, batch_size)`: TRL's one hook where the
+  reference log-probs of a split are computed; StoredReferenceDPOTrainer overrides it to read
+  them from the data instead (the reference stage wrote them).
+- `Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`: loads a checkpoint's
+  weights into the model; used to finish a run killed after its last checkpoint, where
+  `train(resume_from_checkpoint=...)` would train one step past max_steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import transformers
+import trl
+from transformers import Trainer
+from trl import DPOTrainer
+
+from stack_dpo.pairs import REFERENCE_COLUMNS
+
+RELIED_ON = {
+    (DPOTrainer, "_precompute_ref_logps"): ["self", "dataset", "name", "batch_size"],
+    (Trainer, "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
+}
+
+
+def check_private_api() -> None:
+    for (owner, name), expected in RELIED_ON.items():
+        method = getattr(owner, name, None)
+        found = list(inspect.signature(method).parameters) if method else None
+        if found != expected:
+            raise ImportError(
+                f"{owner.__module__}.{owner.__name__}.{name} is {'gone' if method is None else f'now {found}'} "
+                f"(transformers {transformers.__version__}, trl {trl.__version__}); stack-dpo relies on it with "
+                f"arguments {expected}: install the versions pinned in pyproject.toml or update stack_dpo/compat.py")
+
+
+check_private_api()
+
+
+class StoredReferenceDPOTrainer(DPOTrainer):
+    """Reads the reference log-probs stored beside the pairs instead of computing them again."""
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if set(REFERENCE_COLUMNS) <= set(dataset.column_names):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+def load_checkpoint_weights(trainer: Trainer, checkpoint: Path) -> None:
+    """The weights of `checkpoint` into the trainer's model (the adapter, for a PEFT model)."""
+    trainer._load_from_checkpoint(str(checkpoint))
