@@ -4,7 +4,7 @@ both with gradient checkpointing as the recipe trains.
 
 - seed: the recipe's setup: the policy (base + a new LoRA adapter via peft_config) and a second
   full copy of the base loaded as model_ref.
-- project: stages/dpo.py's setup: one base with the SFT adapter (trainable) and TRL's frozen copy
+- project: the dpo stage's setup: one base with the SFT adapter (trainable) and TRL's frozen copy
   of it as the reference; the reference log-probs are computed once up front (as the reference
   stage does) and read from the data during training.
 

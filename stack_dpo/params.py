@@ -166,7 +166,7 @@ def _describe(errors: list[dict[str, Any]], source: str) -> str:
     for err in errors:
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (allowed keys are those in params.yaml's schema, stages/params.py)")
+            lines.append(f"  {key}: unknown key (allowed keys are those in params.yaml's schema, stack_dpo/params.py)")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:

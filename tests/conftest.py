@@ -49,9 +49,12 @@ def inside(folder: Path):
         os.chdir(old)
 
 
-def stage_env() -> dict[str, str]:
-    """Environment for `python -m stages.X` subprocesses: this checkout's code on the path."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+def subprocess_env(code: Path | None = REPO, **extra: str) -> dict[str, str]:
+    """The environment of every subprocess a test starts (stages, dvc, prefect, flows): this
+    environment's python and CLIs first on PATH, no DVC analytics, and `code` importable (this
+    checkout; None for a clone's own code, which python -m finds from the working directory)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(code) if code else "", **extra}
 
 
 @pytest.fixture(scope="session", autouse=True)

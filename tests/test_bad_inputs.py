@@ -20,7 +20,7 @@ from stack_dpo.dataset import RAW_SCHEMA
 from stack_dpo.modeling import load_base_model, load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
-from tests.conftest import REPO, inside, make_workspace, stage_env
+from tests.conftest import REPO, inside, make_workspace, subprocess_env
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired"
 
@@ -136,7 +136,7 @@ def test_4bit_without_cuda_is_a_clear_error(monkeypatch):
 
 def test_more_processes_than_devices_is_refused_before_any_work(tmp_path):
     ws = make_workspace(tmp_path, {"launch": {"num_processes": 512}})
-    result = subprocess.run([sys.executable, "-m", "stages.sft"], cwd=ws, env=stage_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "stages.sft"], cwd=ws, env=subprocess_env(), capture_output=True,
                             text=True)
     assert result.returncode == 2
     assert "launch.num_processes = 512: this machine has" in result.stderr and "at most one process per device" \

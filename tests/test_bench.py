@@ -1,7 +1,6 @@
 """The benchmarks' own pieces: synthetic data in the dataset's exact schema and layout, and the
 pipeline reading it like the Hub dataset."""
 
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from bench.data import make_mirror, project_workspace
 from stack_dpo.dataset import RAW_SCHEMA
 from stack_dpo.prepare import SeenPairs
 from stages import fetch, prepare
-from tests.conftest import REPO, inside
+from tests.conftest import REPO, inside, subprocess_env
 
 
 def test_synthetic_mirror_has_the_schema_layout_and_lengths_of_the_dataset(tmp_path):
@@ -48,7 +47,7 @@ def test_seen_pairs_flags_repeats_within_and_across_batches():
 
 
 def test_gpu_benchmark_without_cuda_says_it_skipped_and_exits_0():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}  # no CUDA, on any machine
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")  # no CUDA, on any machine
     done = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("SKIPPED: no CUDA device here") and "tokens/s" not in done.stdout

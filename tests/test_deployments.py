@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import make_clone, stage_processes
+from tests.conftest import make_clone, stage_processes, subprocess_env
 
 pytestmark = pytest.mark.slow
 QUICK = {"sft": {"train": {"max_steps": 4}}, "dpo": {"train": {"max_steps": 4}},
@@ -52,11 +52,11 @@ def prefect(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect")
     repo = make_clone(tmp / "repo")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "home"),
+    env = subprocess_env(**{"PREFECT_HOME": str(tmp / "home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false", "STACK_DPO_REPO": repo.as_uri(), "STACK_DPO_IMAGE": "stack-dpo:test",
-           "PWD": str(repo)}
+           "PWD": str(repo)})
     bin_dir = Path(sys.executable).parent
     server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                    env, tmp / "server.log")

@@ -12,7 +12,7 @@ from stack_dpo.entrypoint import accelerate_command
 from stack_dpo.modeling import load_adapter_model, load_tokenizer
 from stack_dpo.params import InvalidInput, LaunchParams
 from stages import fetch, prepare
-from tests.conftest import FAST, REPO, inside, make_workspace, stage_env
+from tests.conftest import FAST, REPO, inside, make_workspace, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def test_sft_and_dpo_run_on_two_processes_and_write_once(tmp_path):
         prepare.run(params)
     logs = {}
     for stage in ("sft", "reference", "dpo"):
-        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, env=stage_env(),
+        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, env=subprocess_env(),
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         logs[stage] = result.stdout + result.stderr

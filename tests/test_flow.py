@@ -19,7 +19,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
 from stack_dpo.params import ParamsError, deep_merge
-from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
+from tests.conftest import DEFAULT_PARAMS, FAST, make_clone, stage_processes, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def flow_run(repo: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """The flow in a process of its own (as a worker starts it), against this module's Prefect API."""
     script = ("import json, sys\nfrom flows.pipeline import pipeline\n"
               "pipeline(workdir=sys.argv[1], **json.loads(sys.argv[2]))\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value(), **(env or {})}
+    env = subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value(), **(env or {}))
     return subprocess.Popen([sys.executable, "-c", script, str(repo), json.dumps(kwargs)], cwd=repo, env=env,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from stack_dpo.params import ParamsError, deep_merge, load_params, profile_set_args, validate
-from tests.conftest import DEFAULT_PARAMS, REPO, stage_env
+from tests.conftest import DEFAULT_PARAMS, REPO, subprocess_env
 
 
 def test_default_params_are_valid():
@@ -52,7 +52,7 @@ def test_stage_fails_on_bad_params_before_any_work(workspace):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["dpo"]["beta"] = 0
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "stages.fetch"], cwd=workspace, env=stage_env(),
+    result = subprocess.run([sys.executable, "-m", "stages.fetch"], cwd=workspace, env=subprocess_env(),
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "dpo.beta = 0: Input should be greater than 0" in result.stderr

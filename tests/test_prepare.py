@@ -184,12 +184,12 @@ def test_workers_of_a_killed_prepare_do_not_outlive_it(tmp_path):
 
     import psutil
 
-    from tests.conftest import stage_env
+    from tests.conftest import subprocess_env
 
     ws = make_workspace(tmp_path, {"prepare": {"num_proc": 2}})
     with inside(ws) as params:
         fetch.run(params)
-    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=ws, env=stage_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.prepare"], cwd=ws, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (workers := psutil.Process(proc.pid).children()):

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, snapshot_download
 from transformers import AutoModelForCausalLM
 
 from stages import merge
-from tests.conftest import REPO, inside
+from tests.conftest import inside, subprocess_env
 from tests.hub_server import FakeHub
 
 TOKEN = "hf_stackdpo_test_token_0123456789abcdef"
@@ -49,9 +49,8 @@ def set_params(ws, changes):
 
 
 def push(ws, hub_url, token=TOKEN):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(ws / ".hf-home"),
-                "PYTHONPATH": str(REPO)})
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("HF_")}
+    env.update({"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(ws / ".hf-home")})
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "stages.push"], cwd=ws, env=env, capture_output=True, text=True)

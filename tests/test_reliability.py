@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from flows.pipeline import pipeline
 from stack_dpo.params import deep_merge, flatten
-from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes
+from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +53,10 @@ KILL_POINT_HOOK = Path(__file__).parent / "killpoint"  # its sitecustomize kills
 
 
 def dvc_env(kill_point: str = "") -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
+    """The clone's own code runs (not this checkout's); with a kill point, under the kill hook."""
     if kill_point:
-        env.update(PYTHONPATH=str(KILL_POINT_HOOK), STACK_DPO_KILL_POINT=kill_point)
-    return env
+        return subprocess_env(code=KILL_POINT_HOOK, STACK_DPO_KILL_POINT=kill_point)
+    return subprocess_env(code=None)
 
 
 def dvc(root: Path, *args: str, check: bool = True, kill_point: str = "") -> subprocess.CompletedProcess:
@@ -293,7 +292,7 @@ def test_two_flow_runs_in_separate_workspaces_share_one_dvc_cache(harness, tmp_p
     clones = [small_clone(tmp_path / name) for name in ("a", "b")]
     for clone in clones:
         dvc(clone, "cache", "dir", "--local", str(cache))
-    env = {**dvc_env(), "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value())
     runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), f"shared-{clone.name}"], cwd=clone,
                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for clone in clones]

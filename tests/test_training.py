@@ -14,7 +14,7 @@ import torch
 from stack_dpo.dpo import build_trainer, dpo_config
 from stack_dpo.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
 from stages import fetch, prepare
-from tests.conftest import REPO, inside, make_workspace, stage_env
+from tests.conftest import REPO, inside, make_workspace, subprocess_env
 
 
 def test_sft_and_dpo_write_adapters_and_metrics(trained):
@@ -90,7 +90,7 @@ def resume_workspace(root, until: str):
         fetch.run(params)
         prepare.run(params)
     for before in ("sft", "reference", "dpo")[:("sft", "reference", "dpo").index(until)]:
-        subprocess.run([sys.executable, "-m", f"stages.{before}"], cwd=ws, env=stage_env(), check=True,
+        subprocess.run([sys.executable, "-m", f"stages.{before}"], cwd=ws, env=subprocess_env(), check=True,
                        capture_output=True)
     return ws
 
@@ -99,7 +99,7 @@ def resume_workspace(root, until: str):
 def uninterrupted(tmp_path_factory):
     """The adapters of sft and dpo trained without interruption, for the resumed runs to match."""
     ws = resume_workspace(tmp_path_factory.mktemp("uninterrupted"), "dpo")
-    subprocess.run([sys.executable, "-m", "stages.dpo"], cwd=ws, env=stage_env(), check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.dpo"], cwd=ws, env=subprocess_env(), check=True, capture_output=True)
     return ws
 
 
@@ -117,7 +117,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, uninterrup
     adapter an uninterrupted run gives (the weights, not only the step count)."""
     ws = resume_workspace(tmp_path, stage)
     cmd = [sys.executable, "-m", f"stages.{stage}"]
-    proc = subprocess.Popen(cmd, cwd=ws, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ws, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     _wait_for(ws / "checkpoints" / stage / f"checkpoint-{kill_after}" / "trainer_state.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -127,7 +127,7 @@ def test_killed_training_resumes_from_its_latest_checkpoint(tmp_path, uninterrup
     done = sorted(int(p.name.split("-")[1]) for p in (ws / "checkpoints" / stage).glob("checkpoint-*")
                   if (p / "trainer_state.json").exists())
     assert kill_after <= done[-1] <= 12
-    rerun = subprocess.run(cmd, cwd=ws, env=stage_env(), capture_output=True, text=True)
+    rerun = subprocess.run(cmd, cwd=ws, env=subprocess_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming from checkpoints/{stage}/checkpoint-{done[-1]} (global step {done[-1]})" in rerun.stderr
     metrics = json.loads((ws / "metrics" / f"{stage}.json").read_text())
