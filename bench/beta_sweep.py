@@ -4,7 +4,7 @@ instead of recomputing them.
 
     python -m bench.beta_sweep [--repeats 3]
 
-In a fresh clone with the default (tiny) params: fetch, prepare, sft once; then, interleaved,
+In a fresh clone with the default (tiny) params: fetch, prepare, sft, reference once; then, interleaved,
 `--repeats` times after one warm-up round, each with a new beta: a DPO run that computes the
 reference log-probs (reference forced, dpo) and a DPO run that reuses them (only dpo.beta
 changed: DVC skips reference, reruns dpo). Last, at the final beta, the reference is recomputed
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "bench/.work/beta-sweep")
     args = parser.parse_args()
     clone = fresh_clone(args.workdir)
-    dvc(clone, "repro", "sft")
+    dvc(clone, "repro", "reference")  # so that either setup can run first
     betas = iter([0.1 + 0.01 * i for i in range(100)])  # every DPO run trains with a beta of its own
     runs = interleaved({"reference computed": lambda: dpo_run(clone, next(betas), True),
                         "reference reused": lambda: dpo_run(clone, next(betas), False)}, args.repeats)
