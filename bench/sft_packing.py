@@ -28,11 +28,10 @@ def sft_texts():
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    from stack_dpo.dataset import format_prompts
+    from stack_dpo.dataset import sft_text
 
     raw = pq.read_table(REPO / "data/sample/stack-exchange-paired/data/finetune").to_pylist()
-    prompts = format_prompts([r["question"] for r in raw])
-    return Dataset.from_dict({"text": [prompt + r["response_j"] for prompt, r in zip(prompts, raw)]})
+    return Dataset.from_dict({"text": [sft_text(r["question"], r["response_j"]) for r in raw]})
 
 
 def tokens_per_second(packing: bool, strategy: str, steps: int, warmup_steps: int) -> dict:

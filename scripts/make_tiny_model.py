@@ -27,6 +27,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from stack_dpo.dataset import sft_text  # the recipe's prompt template
+
 VOCAB_SIZE = 4096
 BLOCK = 256
 ARCH = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -50,7 +52,7 @@ tests; it is not useful for anything else. Final pre-training loss: {loss:.3f}.
 def corpus(data_dir: Path, split: str) -> list[str]:
     table = pq.read_table(data_dir / "data" / split)
     rows = table.select(["question", "response_j", "response_k"]).to_pylist()
-    return [f"Question: {r['question']}\n\nAnswer: {r[key]}" for r in rows for key in ("response_j", "response_k")]
+    return [sft_text(r["question"], r[key]) for r in rows for key in ("response_j", "response_k")]
 
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stack_dpo.dataset import RAW_SCHEMA, format_prompts
+from stack_dpo.dataset import RAW_SCHEMA, format_prompts, sft_text
 from stack_dpo.modeling import load_tokenizer
 from stack_dpo.outputs import ShardWriter, parquet_files
 from stack_dpo.params import InvalidInput, Params
@@ -310,8 +310,8 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
         masks["duplicate_text"] = np.zeros(batch.num_rows, dtype=bool)
         masks["duplicate_text"][valid] = seen.duplicates(sft_hashes(batch.filter(pa.array(valid))))
         batch = batch.filter(pa.array(drops.keep(batch.num_rows, masks)))
-        prompts = format_prompts(batch.column("question").to_pylist())
-        texts = pa.array([p + a for p, a in zip(prompts, batch.column("response_j").to_pylist())], pa.string())
+        pairs = zip(batch.column("question").to_pylist(), batch.column("response_j").to_pylist())
+        texts = pa.array([sft_text(question, answer) for question, answer in pairs], pa.string())
         to_eval = is_sft_eval(batch.column("qid").to_numpy(False), params.prepare.sft_eval_fraction)
         train.write(pa.table({"text": texts.filter(pa.array(~to_eval))}))
         evaluation.write(pa.table({"text": texts.filter(pa.array(to_eval))}))
