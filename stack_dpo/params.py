@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 PARAMS_FILE = "params.yaml"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf or nan anywhere (an infinite dpo.beta trains a NaN adapter); counts and switches
+    # take only ints and booleans (a YAML `true` is not the count 1). A float may still be
+    # written as `5e-4`, which YAML 1.1 reads as a string and `dvc exp run -S` writes.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitDirs(Section):
@@ -32,9 +35,9 @@ class SplitDirs(Section):
 
 
 class SplitCaps(Section):
-    finetune: int | None = Field(None, gt=0)
-    rl: int | None = Field(None, gt=0)
-    evaluation: int | None = Field(None, gt=0)
+    finetune: StrictInt | None = Field(None, gt=0)
+    rl: StrictInt | None = Field(None, gt=0)
+    evaluation: StrictInt | None = Field(None, gt=0)
 
 
 class DataParams(Section):
@@ -50,21 +53,21 @@ class ModelParams(Section):
 
 class FetchParams(Section):
     max_rows: SplitCaps = SplitCaps()
-    streaming: bool = True
-    shard_rows: int = Field(50_000, gt=0)
+    streaming: StrictBool = True
+    shard_rows: StrictInt = Field(50_000, gt=0)
 
 
 class PrepareParams(Section):
-    max_prompt_length: int = Field(gt=0)
-    max_length: int = Field(gt=0)
+    max_prompt_length: StrictInt = Field(gt=0)
+    max_length: StrictInt = Field(gt=0)
     sft_eval_fraction: float = Field(gt=0, lt=1)
-    batch_rows: int = Field(10_000, gt=0)
-    num_proc: int | None = Field(None, gt=0)
+    batch_rows: StrictInt = Field(10_000, gt=0)
+    num_proc: StrictInt | None = Field(None, gt=0)
 
 
 class LoraParams(Section):
-    r: int = Field(gt=0)
-    alpha: int = Field(gt=0)
+    r: StrictInt = Field(gt=0)
+    alpha: StrictInt = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     target_modules: list[str] = Field(min_length=1)
 
@@ -74,24 +77,24 @@ class TrainingParams(Section):
 
     learning_rate: float = Field(gt=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    max_steps: int = Field(gt=0)
-    per_device_train_batch_size: int = Field(gt=0)
-    per_device_eval_batch_size: int = Field(gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: StrictInt = Field(0, ge=0)
+    max_steps: StrictInt = Field(gt=0)
+    per_device_train_batch_size: StrictInt = Field(gt=0)
+    per_device_eval_batch_size: StrictInt = Field(gt=0)
+    gradient_accumulation_steps: StrictInt = Field(1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(gt=0)
-    eval_steps: int = Field(gt=0)
-    save_steps: int = Field(gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    seed: int = 0
+    gradient_checkpointing: StrictBool = False
+    logging_steps: StrictInt = Field(gt=0)
+    eval_steps: StrictInt = Field(gt=0)
+    save_steps: StrictInt = Field(gt=0)
+    save_total_limit: StrictInt = Field(2, gt=0)
+    seed: StrictInt = 0
 
 
 class SftParams(Section):
-    seq_length: int = Field(gt=0)
-    packing: bool = True
+    seq_length: StrictInt = Field(gt=0)
+    packing: StrictBool = True
     packing_strategy: Literal["wrapped", "bfd", "bfd_split"] = "wrapped"
     lora: LoraParams
     train: TrainingParams
@@ -103,13 +106,13 @@ class DpoParams(Section):
 
 
 class ReferenceParams(Section):
-    batch_size: int = Field(16, gt=0)
+    batch_size: StrictInt = Field(16, gt=0)
 
 
 class LaunchParams(Section):
     """How sft and dpo are launched: more than one process runs them under `accelerate launch`."""
 
-    num_processes: int = Field(1, gt=0)
+    num_processes: StrictInt = Field(1, gt=0)
     config_file: str | None = None  # an accelerate config file (FSDP, DeepSpeed); None: plain DDP
 
 
@@ -117,26 +120,26 @@ class MergeParams(Section):
     save_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     max_shard_size: str = Field("5GB", pattern=r"^\d+(KB|MB|GB)$")
     atol: float = Field(gt=0)
-    check_samples: int = Field(gt=0)
-    gap_pairs: int | None = Field(None, gt=0)
+    check_samples: StrictInt = Field(gt=0)
+    gap_pairs: StrictInt | None = Field(None, gt=0)
 
 
 class EvaluateParams(Section):
-    max_pairs: int | None = Field(None, gt=0)
-    batch_size: int = Field(gt=0)
-    generations: int = Field(ge=0)
-    max_new_tokens: int = Field(gt=0)
+    max_pairs: StrictInt | None = Field(None, gt=0)
+    batch_size: StrictInt = Field(gt=0)
+    generations: StrictInt = Field(ge=0)
+    max_new_tokens: StrictInt = Field(gt=0)
 
 
 class PushParams(Section):
-    enabled: bool = False
+    enabled: StrictBool = False
     repo_id: str = ""
-    private: bool = True
+    private: StrictBool = True
     revision: str = "main"
-    create_pr: bool = False
+    create_pr: StrictBool = False
     license: str = "other"
     max_merge_accuracy_drop: float = Field(0.02, ge=0, le=1)
-    allow_unvetted: bool = False
+    allow_unvetted: StrictBool = False
 
 
 class Params(Section):

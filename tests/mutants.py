@@ -92,6 +92,14 @@ MUTANTS = [
            "stack_dpo/push.py", "        status = exc.response.status_code if exc.response is not None else None",
            "        status = exc.response.status_code",
            ("tests/test_push.py::test_a_hub_error_other_than_401_is_reported_as_retryable",)),
+    Mutant("params accept an infinite or NaN float",
+           "stack_dpo/params.py", 'model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)',
+           'model_config = ConfigDict(extra="forbid", frozen=True)',
+           ("tests/test_params.py::test_an_infinite_beta_in_params_yaml_stops_the_stage_before_any_work",)),
+    Mutant("params take a boolean as a count",
+           "stack_dpo/params.py", "    finetune: StrictInt | None = Field(None, gt=0)",
+           "    finetune: int | None = Field(None, gt=0)",
+           ("tests/test_params.py::test_bad_value_names_key_value_and_what_is_allowed",)),
 ]
 
 

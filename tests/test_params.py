@@ -28,6 +28,12 @@ def test_unknown_key_is_rejected_by_name():
         ({"dpo": {"train": {"learning_rate": 0}}}, r"dpo\.train\.learning_rate = 0: Input should be greater than 0"),
         ({"sft": {"train": {"per_device_train_batch_size": 0}}}, r"per_device_train_batch_size = 0"),
         ({"fetch": {"max_rows": {"rl": "many"}}}, r"fetch\.max_rows\.rl = 'many': Input should be a valid integer"),
+        ({"dpo": {"beta": float("inf")}}, r"dpo\.beta = inf: Input should be a finite number"),
+        ({"merge": {"atol": float("nan")}}, r"merge\.atol = nan: Input should be a finite number"),
+        ({"dpo": {"train": {"learning_rate": "-inf"}}}, r"learning_rate = .-inf.: Input should be a finite"),
+        ({"fetch": {"max_rows": {"finetune": True}}}, r"fetch\.max_rows\.finetune = True: Input should be a valid int"),
+        ({"sft": {"train": {"max_steps": 8.0}}}, r"sft\.train\.max_steps = 8\.0: Input should be a valid integer"),
+        ({"fetch": {"streaming": 1}}, r"fetch\.streaming = 1: Input should be a valid boolean"),
     ],
 )
 def test_bad_value_names_key_value_and_what_is_allowed(override, expected):
@@ -75,3 +81,18 @@ def test_invalid_profile_is_refused(tmp_path):
     bad.write_text("dpo: {beta: -0.5}\n")
     with pytest.raises(ParamsError, match=r"dpo\.beta = -0.5"):
         profile_set_args(bad, REPO / "params.yaml")
+
+
+def test_a_float_written_without_a_dot_is_still_a_float():
+    # YAML 1.1 (PyYAML) reads `5e-4` as a string, and `dvc exp run -S lr=5e-4` writes it so
+    params = validate(yaml.safe_load(yaml.safe_dump(DEFAULT_PARAMS).replace("0.0005", "5e-4")))
+    assert params.dpo.train.learning_rate == 5e-4
+
+
+def test_an_infinite_beta_in_params_yaml_stops_the_stage_before_any_work(workspace):
+    text = (workspace / "params.yaml").read_text()
+    (workspace / "params.yaml").write_text(text.replace("beta: 0.1", "beta: .inf"))
+    result = subprocess.run([sys.executable, "-m", "stages.fetch"], cwd=workspace, env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "dpo.beta = inf: Input should be a finite number" in result.stderr
+    assert not (workspace / "data" / "raw").exists()
