@@ -28,7 +28,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.measure import GIB, REPO, StepTimer, header, interleaved, ratio_spread, run, spread, table
+from bench.measure import GIB, REPO, header, interleaved, ratio_spread, run, spread, table
+from bench.steps import StepTimer
 
 LENGTH = 256
 

@@ -29,7 +29,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.measure import REPO, StepTimer, header, interleaved, ratio_spread, run, spread, table
+from bench.measure import REPO, header, interleaved, ratio_spread, run, spread, table
+from bench.steps import StepTimer
 
 LENGTH = 1024
 BATCH = 4

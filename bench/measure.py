@@ -1,6 +1,6 @@
 """What every benchmark shares: run a command and report its wall time and the peak resident
 memory of its whole process tree (workers included); repeat setups interleaved and report the
-median and range; time training steps after a warm-up; print result tables.
+median and range; print result tables. (Timing training steps after a warm-up: bench/steps.py.)
 
 Every figure a benchmark prints is the median of its repeats, with the range (min-max) beside it:
 a ratio of two setups is only resolved when their ranges do not overlap."""
@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import torch
-from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -149,22 +147,3 @@ def git_commit() -> str:
 def header(title: str, command: str) -> str:
     """The heading of a benchmark's printout: what, the command that reproduces it, commit and machine."""
     return f"\n## {title}\n\n`{command}` at commit {git_commit()} on {machine()}\n"
-
-
-class StepTimer(TrainerCallback):
-    """Timestamps the end of every optimizer step (synchronizing CUDA first), so throughput can
-    be taken over the steps after a warm-up."""
-
-    def __init__(self):
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
-
-    def steady_seconds(self, warmup_steps: int) -> float:
-        """Wall time of the steps after the first `warmup_steps` (at least 1)."""
-        if not 1 <= warmup_steps < len(self.ends):
-            raise ValueError(f"{len(self.ends)} steps ran: need 1 or more warm-up steps and timed steps after them")
-        return self.ends[-1] - self.ends[warmup_steps - 1]

@@ -17,7 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.measure import REPO, StepTimer, header, interleaved, ratio_spread, spread, table
+from bench.measure import REPO, header, interleaved, ratio_spread, spread, table
+from bench.steps import StepTimer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SETUPS = {"no packing (padding)": (False, "bfd"), "packing, wrapped (the recipe's)": (True, "wrapped"),

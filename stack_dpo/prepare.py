@@ -213,9 +213,15 @@ def max_token_chars(tokenizer) -> int:
     return max(len(tokenizer.decode([i])) for i in range(len(tokenizer))) + 1
 
 
-@functools.cache
 def tokenizer_and_max_chars(name_or_path: str):
-    """The tokenizer and its max_token_chars, loaded once per process."""
+    """The tokenizer and its max_token_chars, loaded once per process and model folder (a
+    relative path is resolved first: tests run workspaces one after another in one process)."""
+    local = Path(name_or_path)
+    return _load_tokenizer_and_max_chars(str(local.resolve()) if local.exists() else name_or_path)
+
+
+@functools.cache
+def _load_tokenizer_and_max_chars(name_or_path: str):
     tokenizer = load_tokenizer(name_or_path)
     return tokenizer, max_token_chars(tokenizer)
 

@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 from stack_dpo.entrypoint import main
-from stack_dpo.modeling import load_tokenizer
 from stack_dpo.outputs import atomic_dir, write_json_atomic
 from stack_dpo.params import Params
 from stack_dpo.paths import DPO_DATA, METRICS, SFT_DATA
@@ -32,6 +31,7 @@ from stack_dpo.prepare import (
     prepare_sft,
     raw_batches,
     sample_pairs,
+    tokenizer_and_max_chars,
 )
 
 log = logging.getLogger("stages.prepare")
@@ -39,7 +39,9 @@ log = logging.getLogger("stages.prepare")
 
 def run(params: Params) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
-    check_tokenization(load_tokenizer(params.model.name_or_path), *sample_pairs(TOKENIZATION_SAMPLE))
+    # loaded once: the workers forked later inherit it (and its max_token_chars)
+    tokenizer, _ = tokenizer_and_max_chars(params.model.name_or_path)
+    check_tokenization(tokenizer, *sample_pairs(TOKENIZATION_SAMPLE))
     eval_qids = np.unique(
         np.concatenate([b.column("qid").to_numpy(False) for b in raw_batches("evaluation", params.prepare.batch_rows)])
     )
