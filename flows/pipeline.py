@@ -2,6 +2,7 @@
 the record of what ran with what.
 
 The stages and their order come from dvc.yaml (DVC's own graph), never from a list kept here.
+Each run works in a workspace of its own (flows/workspace.py) and is saved as a DVC experiment.
 Each stage is a task that runs `dvc repro --single-item <stage>` in its own process group and
 streams its output into the run logger. Cancellation, a task timeout or a worker's SIGTERM
 (Prefect raises TerminationSignal in the flow process) kill the whole group, and DVC's
@@ -34,9 +35,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
+from flows.workspace import check_experiment_name, dvc, exclusive, experiment_ref, git, run_workspace, untracked_files
 from stack_dpo.entrypoint import PERMANENT_FAILURE
 from stack_dpo.outputs import write_text_atomic
 from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, validate
@@ -156,36 +159,43 @@ def ensure_gpu_limit(slots: int) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
 
 
-def apply_overrides(workdir: Path, overrides: dict) -> str:
-    """Validate params.yaml + overrides with the stages' schema, then write them into params.yaml
-    (comments kept). Returns the original text, to restore after the run."""
-    path = workdir / PARAMS_FILE
-    original = path.read_text()
+def params_with_overrides(checkout: Path, overrides: dict) -> str:
+    """The checkout's params.yaml with `overrides` merged in (comments kept), validated with the
+    stages' schema: invalid params fail here, before any stage or workspace."""
+    original = (checkout / PARAMS_FILE).read_text()
     validate(deep_merge(yaml.safe_load(original), overrides), f"{PARAMS_FILE} + flow overrides")
-    if overrides:
-        rt = YAML()
-        data = rt.load(original)
+    if not overrides:
+        return original
+    rt = YAML()
+    data = rt.load(original)
 
-        def merge(node, changes):
-            for key, value in changes.items():
-                if isinstance(value, dict) and isinstance(node.get(key), dict):
-                    merge(node[key], value)
-                else:
-                    node[key] = value
+    def merge(node, changes):
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value)
+            else:
+                node[key] = value
 
-        merge(data, overrides)
-        buffer = io.StringIO()
-        rt.dump(data, buffer)
-        write_text_atomic(path, buffer.getvalue())
-    return original
+    merge(data, overrides)
+    buffer = io.StringIO()
+    rt.dump(data, buffer)
+    return buffer.getvalue()
 
 
-def run_summary(workdir: Path, overrides: dict, experiment: str | None) -> str:
+def merged_model_hash(workspace: Path) -> str | None:
+    """The DVC cache hash of models/merged as the run's dvc.lock records it."""
+    lock = workspace / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    outs = stages.get("merge", {}).get("outs", [])
+    return next((out.get("md5") for out in outs if out["path"] == MERGED.as_posix()), None)
+
+
+def run_summary(workspace: Path, overrides: dict, experiment: str, commit: str | None) -> str:
     def read(path: Path) -> dict:
-        return json.loads((workdir / path).read_text()) if (workdir / path).exists() else {}
+        return json.loads((workspace / path).read_text()) if (workspace / path).exists() else {}
 
     evaluation, prepare, push = read(METRICS / "evaluate.json"), read(METRICS / "prepare.json"), read(PUSH_REPORT)
-    lines = [f"# stack-dpo run{f' `{experiment}`' if experiment else ''}", "", "## Params that differ from params.yaml"]
+    lines = [f"# stack-dpo run `{experiment}`", "", "## Params that differ from params.yaml"]
     lines += [f"- `{key}` = `{value}`" for key, value in flatten(overrides).items()] or ["- none (the default)"]
     lines += ["", "## Evaluation (held-out split, against the SFT model)", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {key} | {value:.4g} |" for key, value in evaluation.items()]
@@ -194,11 +204,17 @@ def run_summary(workdir: Path, overrides: dict, experiment: str | None) -> str:
     for name, counts in prepare.items():
         dropped = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped"].items() if n) or "none"
         lines.append(f"| {name} | {counts['input']} | {counts['kept']} | {dropped} |")
-    lines += ["", "## Model", "", f"- merged model: `{(workdir / MERGED).resolve()}`"]
+    lines += ["", "## Where the results are", "",
+              f"- DVC experiment `{experiment}`" + (f", commit `{commit}`" if commit else "")
+              + f": `dvc exp show`, and `dvc exp apply {experiment}` to bring its params and outputs into a checkout"]
+    merged = merged_model_hash(workspace)
+    if merged:
+        lines.append(f"- merged model: `{MERGED}` in the DVC cache as `{merged}`")
     if push.get("pushed"):
         lines.append(f"- Hub: `{push['repo_id']}` @ `{push['revision']}`, commit `{push['commit']}`")
     else:
         lines.append(f"- not pushed: {push.get('reason', 'push did not run')}")
+    lines.append(f"- run workspace (kept; a rerun of `{experiment}` continues there): `{workspace}`")
     return "\n".join(lines) + "\n"
 
 
@@ -215,46 +231,49 @@ def pipeline(
     stage_timeout_s: float | None = None,
     gpu_slots: int = 1,
 ) -> dict:
-    """Run the DVC stages (all, or `stages`) with params.yaml changed by a `profile` file
-    (e.g. profiles/llama2-7b.yaml) and then by `overrides` (nested, like params.yaml), and
-    record the run as the DVC experiment `experiment` (a generated name when None)."""
+    """Run the DVC stages (all, or `stages`) with the checkout's params.yaml changed by a `profile`
+    file (e.g. profiles/llama2-7b.yaml) and then by `overrides` (nested, like params.yaml), in a
+    workspace of the run's own (flows/workspace.py), and record the run as the DVC experiment
+    `experiment` (the flow run's name when None). The checkout in `workdir` is never written."""
     logger = get_run_logger()
-    root = Path(workdir).resolve()
-    overrides = deep_merge(yaml.safe_load((root / profile).read_text()) if profile else {}, overrides or {})
-    original_params = apply_overrides(root, overrides)  # invalid params fail here, before any stage
-    try:
-        order = pipeline_stages(root)
-        unknown = set(stages or []) - {name for name, _ in order}
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; dvc.yaml has {[n for n, _ in order]}")
-        ensure_gpu_limit(gpu_slots)
-        stage_task = run_stage.with_options(
-            retries=retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s),
-            retry_jitter_factor=retry_jitter_factor,
-            timeout_seconds=stage_timeout_s,
-        )
+    checkout = Path(workdir).resolve()
+    experiment = experiment or flow_run.get_name()
+    check_experiment_name(experiment)
+    overrides = deep_merge(yaml.safe_load((checkout / profile).read_text()) if profile else {}, overrides or {})
+    params = params_with_overrides(checkout, overrides)  # invalid params fail here, before any stage
+    order = pipeline_stages(checkout)
+    unknown = set(stages or []) - {name for name, _ in order}
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; dvc.yaml has {[n for n, _ in order]}")
+    ensure_gpu_limit(gpu_slots)
+    stage_task = run_stage.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s),
+        retry_jitter_factor=retry_jitter_factor,
+        timeout_seconds=stage_timeout_s,
+    )
+    with run_workspace(checkout, experiment, logger.info) as workspace:
+        write_text_atomic(workspace / PARAMS_FILE, params)
         started = time.monotonic()
         for name, uses_gpu in order:
             if stages is None or name in stages:
-                stage_task(name, str(root), uses_gpu)
+                stage_task(name, str(workspace), uses_gpu)
         logger.info("stages finished in %.1f s", time.monotonic() - started)
         # a partial run records and pushes the stages it ran (the others' outputs may be missing)
         ran = [name for name, _ in order if stages is not None and name in stages]
-        saved = run_dvc(["exp", "save", "--force", *(["--name", experiment] if experiment else []), *ran],
-                        root, logger.info)
+        untracked = [arg for path in untracked_files(workspace) for arg in ("--include-untracked", path)]
+        with exclusive(checkout, "exp-save"):  # experiments of all workspaces share the checkout's git refs
+            saved = run_dvc(["exp", "save", "--force", "--name", experiment, *untracked, *ran], workspace,
+                            logger.info)
         if saved[0] != 0:
             raise RuntimeError(f"dvc exp save failed: {saved[1][-3:]}")
-        remotes = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,
-                                 text=True).stdout
+        commit = git(checkout, "rev-parse", "--verify", "--quiet", experiment_ref(checkout, experiment)).strip()
+        remotes = dvc(workspace, "remote", "list").stdout
         if remotes.strip():
-            pushed = run_dvc(["push", *ran], root, logger.info)
+            pushed = run_dvc(["push", *ran], workspace, logger.info)
             if pushed[0] != 0:  # the outputs are not on the remote: the run must not look done
                 raise RuntimeError(f"dvc push failed: {' | '.join(pushed[1][-3:])}")
-        create_markdown_artifact(run_summary(root, overrides, experiment), key="stack-dpo-run",
-                                 description="params, metrics, drops and where the model is")
-        evaluation = root / METRICS / "evaluate.json"
+        create_markdown_artifact(run_summary(workspace, overrides, experiment, commit), key="stack-dpo-run",
+                                 description="params, metrics, drops and where the results are")
+        evaluation = workspace / METRICS / "evaluate.json"
         return json.loads(evaluation.read_text()) if evaluation.exists() else {}
-    finally:
-        if overrides:
-            write_text_atomic(root / PARAMS_FILE, original_params)
