@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.workspace import RUNS, git
 from tests.conftest import make_clone, stage_processes, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -123,8 +124,10 @@ def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     repo = prefect["repo"]
     run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
     assert run.state.is_completed(), run.state
-    assert (repo / "models/merged/model.safetensors").is_file()
-    assert json.loads((repo / "metrics/evaluate.json").read_text())["n_pairs"] == 64
+    workspace = repo / RUNS / "deployed-quick"
+    assert (workspace / "models/merged/model.safetensors").is_file()
+    assert json.loads((workspace / "metrics/evaluate.json").read_text())["n_pairs"] == 64
+    assert git(repo, "status", "--porcelain") == "" and not (repo / "models").exists()
     logs = "\n".join(run_logs(run.id))
     for stage in ("fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"):
         assert f"Running stage '{stage}'" in logs  # each stage's own output, streamed into the run log
@@ -135,9 +138,9 @@ def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     assert "deployed-quick" in names
 
 
-def test_unchanged_inputs_find_every_stage_up_to_date(prefect):
+def test_a_rerun_with_unchanged_inputs_finds_every_stage_up_to_date(prefect):
     started = time.monotonic()
-    run = wait_for(run_deployment(prefect, {"overrides": QUICK}))
+    run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
     assert run.state.is_completed(), run.state
     logs = "\n".join(run_logs(run.id))
     assert re.findall(r"Running stage '(\w+)'", logs) == ["sources"]  # always run; it reran nothing else
@@ -148,7 +151,8 @@ def test_unchanged_inputs_find_every_stage_up_to_date(prefect):
 def test_cancelled_run_leaves_no_stage_process_and_no_dvc_lock(prefect):
     repo = prefect["repo"]
     params_before = (repo / "params.yaml").read_text()
-    run_id = run_deployment(prefect, {"overrides": {**QUICK, "sft": {"train": {"max_steps": 500}}}})
+    run_id = run_deployment(prefect, {"overrides": {**QUICK, "sft": {"train": {"max_steps": 500}}},
+                                      "experiment": "cancelled"})
     deadline = time.monotonic() + 300
     while not stage_processes(repo, "sft"):
         assert time.monotonic() < deadline, "sft never started"
@@ -158,7 +162,7 @@ def test_cancelled_run_leaves_no_stage_process_and_no_dvc_lock(prefect):
     assert run.state.is_cancelled(), run.state
     time.sleep(1)
     assert stage_processes(repo) == []
-    rwlock = json.loads((repo / ".dvc/tmp/rwlock").read_text())
+    rwlock = json.loads((repo / RUNS / "cancelled/.dvc/tmp/rwlock").read_text())
     assert rwlock == {"write": {}, "read": {}}
     assert (repo / "params.yaml").read_text() == params_before
     # the next run starts cleanly

@@ -18,6 +18,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
+from flows.workspace import RUNS, experiment_ref, git
 from stack_dpo.params import ParamsError, deep_merge
 from tests.conftest import DEFAULT_PARAMS, FAST, make_clone, stage_processes, subprocess_env
 
@@ -53,7 +54,9 @@ def test_invalid_overrides_fail_before_any_stage(harness, tmp_path):
     before = (repo / "params.yaml").read_text()
     with pytest.raises(ParamsError, match=r"dpo\.beta = -1: Input should be greater than 0"):
         pipeline(overrides={"dpo": {"beta": -1}}, workdir=str(repo))
-    assert not (repo / "data" / "raw").exists()
+    with pytest.raises(ValueError, match="experiment name 'a b' is not valid"):
+        pipeline(experiment="a b", workdir=str(repo))
+    assert not (repo / "data" / "raw").exists() and not (repo / RUNS).exists()
     assert (repo / "params.yaml").read_text() == before
 
 
@@ -85,8 +88,8 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     overrides = {**FAST, "sft": {"train": {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "logging_steps": 1,
                                             "save_total_limit": 10}}}
     killed: list[int] = []
-    watcher = threading.Thread(target=_kill_first_sft_after,
-                               args=(repo, repo / "checkpoints/sft/checkpoint-4", killed))
+    run = repo / RUNS / "resumed"  # the run's workspace: the checkout itself is never written
+    watcher = threading.Thread(target=_kill_first_sft_after, args=(repo, run / "checkpoints/sft/checkpoint-4", killed))
     watcher.start()
     state = pipeline(overrides=overrides, experiment="resumed", workdir=str(repo), retries=2, retry_backoff_s=0.1,
                      return_state=True)
@@ -95,13 +98,17 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     assert state.is_completed(), state
     counts = task_run_counts(state)
     assert counts["sft"] == 2 and all(n == 1 for name, n in counts.items() if name != "sft"), counts
-    sft = json.loads((repo / "metrics/sft.json").read_text())
+    sft = json.loads((run / "metrics/sft.json").read_text())
     assert sft["resumed_from_step"] >= 4 and sft["global_step"] == 12
-    state_file = json.loads((repo / "checkpoints/sft/checkpoint-12/trainer_state.json").read_text())
+    state_file = json.loads((run / "checkpoints/sft/checkpoint-12/trainer_state.json").read_text())
     steps = [entry["step"] for entry in state_file["log_history"] if "loss" in entry]
     assert steps == sorted(set(steps))  # no step trained twice
-    assert json.loads((repo / "metrics/evaluate.json").read_text())["n_pairs"] > 0
-    assert (repo / "params.yaml").read_text() == (make_clone(tmp_path / "pristine") / "params.yaml").read_text()
+    assert json.loads((run / "metrics/evaluate.json").read_text())["n_pairs"] > 0
+    assert git(repo, "status", "--porcelain") == ""  # params.yaml, dvc.lock and metrics of the checkout untouched
+    assert not (repo / "models").exists() and not (repo / "checkpoints").exists()
+    commit = git(repo, "rev-parse", experiment_ref(repo, "resumed")).strip()
+    saved = yaml.safe_load(git(repo, "show", f"{commit}:params.yaml"))
+    assert saved["sft"]["train"]["max_steps"] == 12
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
         artifacts = client.read_artifacts()
@@ -109,6 +116,10 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     assert "`sft.train.max_steps` = `12`" in summary and "rewards/accuracies" in summary
     assert "## Data dropped by prepare, by reason" in summary and "| dpo/train | 160 |" in summary
     assert "baseline/sft_accuracy" in summary and "not pushed" in summary
+    # it points at what stays: the experiment and its commit, the merged model's hash in the DVC cache
+    lock = yaml.safe_load(git(repo, "show", f"{commit}:dvc.lock"))["stages"]
+    merged = next(out["md5"] for out in lock["merge"]["outs"] if out["path"] == "models/merged")
+    assert f"DVC experiment `resumed`, commit `{commit}`" in summary and f"`{merged}`" in summary
 
 
 def test_locks_of_killed_dvc_processes_are_released(tmp_path):
@@ -128,13 +139,14 @@ def test_locks_of_killed_dvc_processes_are_released(tmp_path):
 
 def test_stage_timeout_kills_the_stage_and_leaves_no_lock(harness, tmp_path):
     repo = make_clone(tmp_path)
-    state = pipeline(workdir=str(repo), stages=["fetch"], stage_timeout_s=1.5, retries=0, return_state=True)
+    state = pipeline(workdir=str(repo), stages=["fetch"], stage_timeout_s=1.5, retries=0, experiment="timeout",
+                     return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="timed out|TimeoutError|exceeded timeout"):
         state.result()
     time.sleep(0.5)
     assert stage_processes(repo) == []
-    rwlock = repo / ".dvc/tmp/rwlock"
+    rwlock = repo / RUNS / "timeout/.dvc/tmp/rwlock"
     assert not rwlock.exists() or json.loads(rwlock.read_text()) == {"write": {}, "read": {}}
 
 
@@ -158,9 +170,9 @@ def test_flow_pushes_what_it_ran_to_the_dvc_remote_and_fails_when_the_push_fails
     repo = make_clone(tmp_path / "ws")
     remote = tmp_path / "remote"
     dvc_cli(repo, "remote", "add", "--local", "-d", "storage", str(remote))
-    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, return_state=True)
+    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, experiment="pushed", return_state=True)
     assert state.is_completed(), state
-    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+    outs = yaml.safe_load((repo / RUNS / "pushed/dvc.lock").read_text())["stages"]["fetch"]["outs"]
     raw = next(out for out in outs if out["path"] == "data/raw")
     assert (remote / "files/md5" / raw["md5"][:2] / raw["md5"][2:]).is_file()  # its .dir listing, and below its files
     assert len(list((remote / "files/md5").rglob("*"))) > raw["nfiles"]
@@ -168,38 +180,48 @@ def test_flow_pushes_what_it_ran_to_the_dvc_remote_and_fails_when_the_push_fails
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     dvc_cli(repo, "remote", "modify", "--local", "storage", "url", str(blocker / "remote"))
-    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, return_state=True)
+    state = pipeline(workdir=str(repo), stages=["fetch"], overrides=FAST, experiment="pushed", return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="dvc push failed"):
         state.result()
 
 
 RECORD_STAGE = """
-import json, os, sys, time
+import json, os, sys, time, yaml
 started = time.time()
 time.sleep(float(sys.argv[2]))
-open(sys.argv[1] + ".txt", "w").write("done")
+beta = yaml.safe_load(open("params.yaml"))["dpo"]["beta"]
+open(sys.argv[1] + ".json", "w").write(json.dumps({"beta_seen": beta}))
 with open(os.environ["INTERVALS"], "a") as fh:
     fh.write(json.dumps([os.getcwd(), sys.argv[1], started, time.time()]) + "\\n")
 """
 
 
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show` of the checkout: each experiment's name -> its params and metrics."""
+    shown = json.loads(dvc_cli(repo, "exp", "show", "--json"))
+    return {rev["name"]: rev["data"] for entry in shown for exp in entry.get("experiments") or []
+            for rev in exp["revs"]}
+
+
 @pytest.mark.slow
-def test_gpu_stages_of_two_runs_hold_the_gpu_slot_one_at_a_time(harness, tmp_path):
-    """Two flow runs at once, each with a CPU stage and then a GPU stage (`meta: {gpu: true}`)
-    that runs 3 s: with one GPU slot their GPU stages never overlap."""
+def test_two_runs_in_one_checkout_keep_their_own_params_and_hold_the_gpu_slot_one_at_a_time(harness, tmp_path):
+    """Two flow runs at once in one checkout, with different overrides, each a CPU stage and then
+    a GPU stage (`meta: {gpu: true}`) of 3 s: both complete, each is its own experiment, the
+    checkout is untouched, and with one GPU slot their GPU stages never overlap."""
     intervals = tmp_path / "intervals.jsonl"
-    repos = []
-    for name in ("a", "b"):
-        repo = make_clone(tmp_path / name)
-        (repo / "record.py").write_text(RECORD_STAGE)
-        (repo / "dvc.lock").unlink()
-        (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-            "cpu": {"cmd": "python record.py cpu 0", "outs": ["cpu.txt"]},
-            "gpu": {"cmd": "python record.py gpu 3", "deps": ["cpu.txt"], "outs": ["gpu.txt"], "meta": {"gpu": True}},
-        }}))
-        repos.append(repo)
-    runs = [flow_run(repo, {"INTERVALS": str(intervals)}, gpu_slots=1) for repo in repos]
+    repo = make_clone(tmp_path / "ws")
+    (repo / "record.py").write_text(RECORD_STAGE)  # uncommitted changes: the runs see them too
+    (repo / "dvc.lock").unlink()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "cpu": {"cmd": "python record.py cpu 0", "params": ["dpo.beta"], "outs": ["cpu.json"]},
+        "gpu": {"cmd": "python record.py gpu 3", "deps": ["cpu.json"], "params": ["dpo.beta"],
+                "metrics": [{"gpu.json": {"cache": False}}], "meta": {"gpu": True}},
+    }}))
+    before = {path: (repo / path).read_bytes() for path in ("params.yaml", "dvc.yaml", "record.py")}
+    betas = {"beta-low": 0.05, "beta-high": 0.4}
+    runs = [flow_run(repo, {"INTERVALS": str(intervals)}, gpu_slots=1, experiment=name,
+                     overrides={"dpo": {"beta": beta}}) for name, beta in betas.items()]
     for run in runs:
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 0, out[-3000:]
@@ -207,24 +229,32 @@ def test_gpu_stages_of_two_runs_hold_the_gpu_slot_one_at_a_time(harness, tmp_pat
     gpu = sorted((start, end) for _, stage, start, end in records if stage == "gpu")
     assert len(gpu) == 2 and len(records) == 4
     assert gpu[0][1] <= gpu[1][0], f"GPU stages overlapped: {gpu}"
+    assert {cwd for cwd, *_ in records} == {str(repo / RUNS / name) for name in betas}
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+    shown = experiments(repo)
+    for name, beta in betas.items():
+        assert shown[name]["params"]["params.yaml"]["data"]["dpo"]["beta"] == beta
+        assert shown[name]["metrics"]["gpu.json"]["data"] == {"beta_seen": beta}
+    assert {path: (repo / path).read_bytes() for path in before} == before
+    assert not (repo / "cpu.json").exists() and not (repo / "gpu.json").exists() and not (repo / "dvc.lock").exists()
 
 
 @pytest.mark.slow
 def test_a_stage_that_meets_a_busy_dvc_lock_is_retried_until_it_runs(harness, tmp_path):
     repo = make_clone(tmp_path / "ws")
     (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(DEFAULT_PARAMS, FAST), sort_keys=False))
-    dvc_cli(repo, "repro", "--single-item", "fetch")
-    # another `dvc repro` reads data/raw (prepare) while the flow wants to rewrite it (fetch)
-    other = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", "prepare"], cwd=repo,
+    assert pipeline(workdir=str(repo), stages=["fetch"], experiment="busy", return_state=True).is_completed()
+    run = repo / RUNS / "busy"  # the next run of experiment `busy` continues in this workspace
+    # another `dvc repro` there reads data/raw (prepare) while the flow wants to rewrite it (fetch)
+    other = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "--force", "prepare"], cwd=run,
                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while not stage_processes(repo, "prepare"):
+    while not stage_processes(run, "prepare"):
         assert time.monotonic() < deadline and other.poll() is None, other.communicate()[0]
         time.sleep(0.05)
-    state = pipeline(workdir=str(repo), stages=["fetch"], retries=8, retry_backoff_s=1, retry_jitter_factor=0,
-                     return_state=True)
+    state = pipeline(workdir=str(repo), stages=["fetch"], experiment="busy", retries=8, retry_backoff_s=1,
+                     retry_jitter_factor=0, return_state=True)
     assert other.wait() == 0
     assert state.is_completed(), state
     assert task_run_counts(state)["fetch"] >= 2  # the first try met the lock and was retried
@@ -238,7 +268,7 @@ def test_sigterm_of_the_flow_process_kills_the_stage_process_group(harness, tmp_
     """A Prefect worker stops a run by SIGTERM to the flow process alone: the stage's dvc and
     python processes must die with it and leave no DVC lock."""
     repo = make_clone(tmp_path / "ws")
-    run = flow_run(repo, overrides={**FAST, "sft": {"train": {"max_steps": 500}}})
+    run = flow_run(repo, overrides={**FAST, "sft": {"train": {"max_steps": 500}}}, experiment="sigterm")
     deadline = time.monotonic() + 300
     while not stage_processes(repo, "sft"):
         assert time.monotonic() < deadline and run.poll() is None, run.communicate()[0][-3000:]
@@ -252,4 +282,5 @@ def test_sigterm_of_the_flow_process_kills_the_stage_process_group(harness, tmp_
     gone, alive = psutil.wait_procs(group, timeout=15)
     assert alive == [], [p.cmdline() for p in alive]
     assert stage_processes(repo) == []
-    assert json.loads((repo / ".dvc/tmp/rwlock").read_text()) == {"write": {}, "read": {}}
+    assert json.loads((repo / RUNS / "sigterm/.dvc/tmp/rwlock").read_text()) == {"write": {}, "read": {}}
+    assert git(repo, "status", "--porcelain") == ""

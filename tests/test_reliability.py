@@ -28,6 +28,7 @@ from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
 from flows.pipeline import pipeline
+from flows.workspace import RUNS, git
 from stack_dpo.params import deep_merge, flatten
 from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes, subprocess_env
 
@@ -277,9 +278,9 @@ def harness():
 
 
 FLOW_RUN = """
-import sys
+import json, sys
 from flows.pipeline import pipeline
-state = pipeline(workdir=sys.argv[1], experiment=sys.argv[2], return_state=True)
+state = pipeline(workdir=sys.argv[1], experiment=sys.argv[2], overrides=json.loads(sys.argv[3]), return_state=True)
 print("FLOW_RUN_ID", state.state_details.flow_run_id)
 state.result()
 """
@@ -289,39 +290,48 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_two_flow_runs_in_separate_workspaces_share_one_dvc_cache(harness, tmp_path):
-    cache = tmp_path / "shared-cache"
-    clones = [small_clone(tmp_path / name) for name in ("a", "b")]
-    for clone in clones:
-        dvc(clone, "cache", "dir", "--local", str(cache))
+def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_cache(harness, tmp_path):
+    clone = small_clone(tmp_path / "ws")
+    before = {path: (clone / path).read_bytes() for path in ("params.yaml", "dvc.lock")}
+    status_before = git(clone, "status", "--porcelain")
+    betas = {"beta-low": 0.05, "beta-high": 0.4}
     env = subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value())
-    runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), f"shared-{clone.name}"], cwd=clone,
-                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for clone in clones]
+    runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), name, json.dumps({"dpo": {"beta": beta}})],
+                             cwd=clone, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for name, beta in betas.items()]
     outputs = [run.communicate(timeout=900)[0] for run in runs]
     for run, out in zip(runs, outputs):
         assert run.returncode == 0, out[-3000:]
-    locks = [yaml.safe_load((clone / "dvc.lock").read_text())["stages"] for clone in clones]
+    # the checkout is as it was: its uncommitted params.yaml too, and no outputs
+    assert {path: (clone / path).read_bytes() for path in before} == before
+    assert git(clone, "status", "--porcelain") == status_before and not (clone / "models").exists()
+    shown = {rev["name"]: rev["data"] for entry in json.loads(dvc(clone, "exp", "show", "--json").stdout)
+             for exp in entry.get("experiments") or [] for rev in exp["revs"]}
+    workspaces = {name: clone / RUNS / name for name in betas}
+    for name, beta in betas.items():
+        assert shown[name]["params"]["params.yaml"]["data"]["dpo"]["beta"] == beta
+        evaluation = json.loads((workspaces[name] / "metrics/evaluate.json").read_text())
+        assert shown[name]["metrics"]["metrics/evaluate.json"]["data"] == evaluation and evaluation["n_pairs"] > 0
+        assert_up_to_date(workspaces[name])
+    cache = clone / ".dvc/cache"
+    locks = {name: yaml.safe_load((ws / "dvc.lock").read_text())["stages"] for name, ws in workspaces.items()}
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     cached_outs = {out for stage in dvc_yaml.values() for out in stage.get("outs", []) if isinstance(out, str)}
     assert {"data/raw", "data/processed/dpo", "models/sft", "models/merged"} <= cached_outs
-    for clone, lock in zip(clones, locks):
-        assert_up_to_date(clone)
-        assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
+    for lock in locks.values():
         for stage in lock.values():
             for out in stage.get("outs", []):
                 if out["path"] in cached_outs:
                     assert (cache / "files/md5" / out["md5"][:2] / out["md5"][2:]).is_file(), out
     for stage in ("fetch", "prepare"):  # deterministic stages: the same objects, stored once
-        assert locks[0][stage]["outs"] == locks[1][stage]["outs"]
+        assert locks["beta-low"][stage]["outs"] == locks["beta-high"][stage]["outs"]
+    assert locks["beta-low"]["merge"]["outs"] != locks["beta-high"]["merge"]["outs"]
     objects = [p for p in (cache / "files/md5").rglob("*") if p.is_file()]
     assert objects and all(md5(p) == p.parent.name + p.name.removesuffix(".dir") for p in objects)
-    # each workspace can restore its outputs from the shared cache
-    for clone in clones:
-        for path in (clone / "models/merged").iterdir():
-            path.unlink()
-        dvc(clone, "checkout", "models/merged")
-        assert (clone / "models/merged/model.safetensors").is_file()
+    # an experiment's outputs come back from the shared cache into the checkout when asked for
+    dvc(clone, "exp", "apply", "beta-high")
+    assert (clone / "models/merged/model.safetensors").is_file()
+    assert yaml.safe_load((clone / "params.yaml").read_text())["dpo"]["beta"] == 0.4
 
 
 def test_hub_token_reaches_no_file_and_no_prefect_log(harness, tmp_path, monkeypatch):
@@ -337,7 +347,7 @@ def test_hub_token_reaches_no_file_and_no_prefect_log(harness, tmp_path, monkeyp
         state = pipeline(workdir=str(clone), overrides={"push": {"enabled": True, "repo_id": "alice/secret-scan"}},
                          experiment="secret-scan", return_state=True)
         assert state.is_completed(), state
-        assert json.loads((clone / "reports/push.json").read_text())["pushed"] is True
+        assert json.loads((clone / RUNS / "secret-scan/reports/push.json").read_text())["pushed"] is True
         assert hub.commit_count("alice/secret-scan") >= 1
     finally:
         hub.stop()
