@@ -105,7 +105,7 @@ def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path
     assert steps == sorted(set(steps))  # no step trained twice
     assert json.loads((run / "metrics/evaluate.json").read_text())["n_pairs"] > 0
     assert git(repo, "status", "--porcelain") == ""  # params.yaml, dvc.lock and metrics of the checkout untouched
-    assert not (repo / "models").exists() and not (repo / "checkpoints").exists()
+    assert not (repo / "models/merged").exists() and not (repo / "checkpoints").exists()
     commit = git(repo, "rev-parse", experiment_ref(repo, "resumed")).strip()
     saved = yaml.safe_load(git(repo, "show", f"{commit}:params.yaml"))
     assert saved["sft"]["train"]["max_steps"] == 12

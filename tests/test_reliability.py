@@ -304,7 +304,7 @@ def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_
         assert run.returncode == 0, out[-3000:]
     # the checkout is as it was: its uncommitted params.yaml too, and no outputs
     assert {path: (clone / path).read_bytes() for path in before} == before
-    assert git(clone, "status", "--porcelain") == status_before and not (clone / "models").exists()
+    assert git(clone, "status", "--porcelain") == status_before and not (clone / "models/merged").exists()
     shown = {rev["name"]: rev["data"] for entry in json.loads(dvc(clone, "exp", "show", "--json").stdout)
              for exp in entry.get("experiments") or [] for rev in exp["revs"]}
     workspaces = {name: clone / RUNS / name for name in betas}
