@@ -42,7 +42,7 @@ from ruamel.yaml import YAML
 from flows.workspace import check_experiment_name, dvc, exclusive, experiment_ref, git, run_workspace, untracked_files
 from stack_dpo.entrypoint import PERMANENT_FAILURE
 from stack_dpo.outputs import write_text_atomic
-from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, validate
+from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, read_yaml, validate
 from stack_dpo.paths import MERGED, METRICS, PUSH_REPORT
 
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit GPU stages hold a slot of
@@ -163,7 +163,7 @@ def params_with_overrides(checkout: Path, overrides: dict) -> str:
     """The checkout's params.yaml with `overrides` merged in (comments kept), validated with the
     stages' schema: invalid params fail here, before any stage or workspace."""
     original = (checkout / PARAMS_FILE).read_text()
-    validate(deep_merge(yaml.safe_load(original), overrides), f"{PARAMS_FILE} + flow overrides")
+    validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides")
     if not overrides:
         return original
     rt = YAML()
@@ -239,7 +239,7 @@ def pipeline(
     checkout = Path(workdir).resolve()
     experiment = experiment or flow_run.get_name()
     check_experiment_name(experiment)
-    overrides = deep_merge(yaml.safe_load((checkout / profile).read_text()) if profile else {}, overrides or {})
+    overrides = deep_merge((read_yaml(checkout / profile) or {}) if profile else {}, overrides or {})
     params = params_with_overrides(checkout, overrides)  # invalid params fail here, before any stage
     order = pipeline_stages(checkout)
     unknown = set(stages or []) - {name for name, _ in order}

@@ -31,6 +31,9 @@ def checked_source(name_or_path: str | Path) -> str:
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(checked_source(name_or_path))
+    if tokenizer.eos_token is None:  # every SFT text and DPO answer ends with it, and padding uses it
+        raise InvalidInput(f"model.name_or_path = {str(name_or_path)!r}: its tokenizer has no EOS token; expected one "
+                           "(eos_token in tokenizer_config.json), which ends every training text")
     if tokenizer.pad_token is None:  # Llama-2 has none; the recipe pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -430,7 +430,12 @@ def prepare_dpo(params: Params, split: str, eval_qids: np.ndarray | None, folder
 
 
 def num_workers(params: Params) -> int:
-    return params.prepare.num_proc or os.cpu_count() or 1
+    """prepare.num_proc, or every core this process may use; more processes than cores only thrash."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if (params.prepare.num_proc or 0) > cores:
+        raise InvalidInput(f"prepare.num_proc = {params.prepare.num_proc}: this machine has {cores} cores for this "
+                           f"process; expected at most {cores} (or no value, to use them all)")
+    return params.prepare.num_proc or cores
 
 
 def check_not_empty(metrics: dict) -> None:

@@ -27,6 +27,7 @@ from stack_dpo.prepare import (
     TOKENIZATION_SAMPLE,
     check_not_empty,
     check_tokenization,
+    num_workers,
     prepare_dpo,
     prepare_sft,
     raw_batches,
@@ -39,6 +40,7 @@ log = logging.getLogger("stages.prepare")
 
 def run(params: Params) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
+    num_workers(params)  # checked before any work
     # loaded once: the workers forked later inherit it (and its max_token_chars)
     tokenizer, _ = tokenizer_and_max_chars(params.model.name_or_path)
     check_tokenization(tokenizer, *sample_pairs(TOKENIZATION_SAMPLE))
