@@ -174,3 +174,33 @@ def test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were(trained, tmp_pat
         with pytest.raises(InvalidInput, match="needs CUDA"):
             {"sft": sft, "dpo": dpo}[stage].run(qlora)
     assert snapshot() == before
+
+
+def _mirror_with_second_shard(tmp_path, split, second):
+    """The sample with one split cut into two shards, the second changed by `second(table)`."""
+    ws = mirror_with(tmp_path, split, lambda table: table)
+    folder = tmp_path / "mirror/data" / split
+    table = pq.read_table(folder)
+    half = table.num_rows // 2
+    shutil.rmtree(folder)
+    folder.mkdir()
+    pq.write_table(table.slice(0, half), folder / "train-00000-of-00002.parquet")
+    pq.write_table(second(table.slice(half)), folder / "train-00001-of-00002.parquet")
+    return ws, folder / "train-00001-of-00002.parquet", table.num_rows
+
+
+def test_a_column_missing_from_a_later_shard_names_the_file_and_column(tmp_path):
+    ws, shard, _ = _mirror_with_second_shard(tmp_path, "rl", lambda t: t.drop_columns(["response_k"]))
+    message = fetch_error(ws)
+    assert f"{shard}: missing columns ['response_k']" in message
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_shard_of_zero_rows_adds_nothing(tmp_path, streaming):
+    ws, shard, rows = _mirror_with_second_shard(tmp_path, "rl", lambda t: t.slice(0, 0))
+    with inside(ws) as params:
+        uncapped = params.fetch.max_rows.model_copy(update={"rl": None})
+        fetched = params.model_copy(update={"fetch": params.fetch.model_copy(
+            update={"streaming": streaming, "max_rows": uncapped})})
+        metrics = fetch.run(fetched)
+    assert metrics["rows"]["rl"] == rows // 2 == pq.read_table(ws / "data/raw/rl").num_rows
