@@ -60,6 +60,7 @@ class FetchParams(Section):
 class PrepareParams(Section):
     max_prompt_length: StrictInt = Field(gt=0)
     max_length: StrictInt = Field(gt=0)
+    max_sft_length: StrictInt | None = Field(None, gt=0)  # None: max_length
     sft_eval_fraction: float = Field(gt=0, lt=1)
     batch_rows: StrictInt = Field(10_000, gt=0)
     num_proc: StrictInt | None = Field(None, gt=0)

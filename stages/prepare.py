@@ -48,7 +48,8 @@ def run(params: Params) -> dict:
         np.concatenate([b.column("qid").to_numpy(False) for b in raw_batches("evaluation", params.prepare.batch_rows)])
     )
     metrics: dict = {}
-    with atomic_dir(SFT_DATA) as sft_tmp, atomic_dir(DPO_DATA) as dpo_tmp:
+    stale = METRICS / "prepare.json"  # outputs and metrics land together (a failure between leaves no metrics)
+    with atomic_dir(SFT_DATA, stale) as sft_tmp, atomic_dir(DPO_DATA, stale) as dpo_tmp:
         for name, work in (("sft", lambda: prepare_sft(params, eval_qids, sft_tmp)),
                            ("dpo/train", lambda: prepare_dpo(params, "rl", eval_qids, dpo_tmp / "train")),
                            ("dpo/eval", lambda: prepare_dpo(params, "evaluation", None, dpo_tmp / "eval"))):

@@ -204,3 +204,74 @@ def test_a_shard_of_zero_rows_adds_nothing(tmp_path, streaming):
             update={"streaming": streaming, "max_rows": uncapped})})
         metrics = fetch.run(fetched)
     assert metrics["rows"]["rl"] == rows // 2 == pq.read_table(ws / "data/raw/rl").num_rows
+
+
+def test_invisible_texts_whitespace_only_differences_and_missing_qids_are_dropped_by_reason(tmp_path):
+    ws = _raw_workspace(tmp_path)
+    rows = pq.read_table(ws / "data/raw/rl").to_pylist()
+    rows[0]["question"] = "\ufeff\u200b \u200d"  # a byte-order mark and zero-width characters only
+    rows[1]["response_j"] = "\u2060\u00a0\n"
+    rows[2]["response_k"] = "  " + rows[2]["response_j"].replace(" ", " \t ") + "\n"  # the same words
+    rows[3]["qid"] = None
+    _rewrite_rl(ws, rows)
+    with inside(ws) as params:
+        counts = prepare.run(params)["dpo/train"]
+    dropped = counts["dropped"]
+    assert (dropped["empty_question"], dropped["empty_response_j"], dropped["chosen_equals_rejected"],
+            dropped["missing_qid"]) == (1, 1, 1, 1)
+    assert counts["input"] == len(rows) == counts["kept"] + sum(dropped.values())
+    kept = pq.read_table(ws / "data/processed/dpo/train").to_pylist()
+    assert not any(pair["chosen"] == rows[1]["response_j"] or pair["rejected"] == rows[2]["response_k"]
+                   for pair in kept)
+
+
+def test_an_sft_text_over_the_token_limit_is_dropped_by_reason(tmp_path):
+    ws = _raw_workspace(tmp_path)
+    shard = next((ws / "data/raw/finetune").glob("*.parquet"))
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["response_j"] = "word " * 200_000  # one huge answer would be most of the SFT tokens
+    rows[1]["response_j"] = "word " * 1500  # over a limit of 1,000 tokens, within 10,000
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), shard)
+    with inside(ws) as params:
+        counts = prepare.run(params)["sft"]
+        assert counts["dropped"]["text_too_long"] == 1  # the default limit: prepare.max_length (10,000 here)
+        limited = params.model_copy(update={"prepare": params.prepare.model_copy(update={"max_sft_length": 1000})})
+        counts = prepare.run(limited)["sft"]
+    assert counts["dropped"]["text_too_long"] == 2
+    assert counts["input"] == counts["kept"] + sum(counts["dropped"].values())
+    texts = pq.read_table(ws / "data/processed/sft").column("text").to_pylist()
+    assert max(len(text) for text in texts) < len(rows[1]["response_j"])
+
+
+def test_a_tokenizer_without_eos_is_refused_before_prepare_starts_workers(tmp_path):
+    model = tmp_path / "no-eos"
+    shutil.copytree(REPO / "data/sample/tiny-llama", model)
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"eos_token": "</s>"', '"eos_token": null'))
+    assert load_tokenizer(REPO / "data/sample/tiny-llama").eos_token == "</s>"
+    ws = _raw_workspace(tmp_path / "ws")
+    with inside(ws) as params:
+        other = params.model_copy(update={"model": params.model.model_copy(update={"name_or_path": str(model)})})
+        with pytest.raises(InvalidInput, match="its tokenizer has no EOS token"):
+            prepare.run(other)
+    assert not (ws / "data/processed").exists()
+
+
+def test_an_unknown_lora_target_is_refused_before_sft_touches_its_checkpoints(trained, tmp_path):
+    from stages import sft
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+
+    def snapshot():
+        return {p: p.read_bytes() for folder in ("checkpoints", "models", "metrics")
+                for p in sorted((ws / folder).rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for targets in (["q_proj", "v_prj"], ["v_prj"]):  # next to a known one PEFT would skip it silently
+        with inside(ws) as params:
+            lora = params.sft.lora.model_copy(update={"target_modules": targets})
+            bad = params.model_copy(update={"sft": params.sft.model_copy(update={"lora": lora})})
+            with pytest.raises(InvalidInput, match=r"sft.lora.target_modules: \['v_prj'\] name no module .* 'v_proj'"):
+                sft.run(bad)
+    assert snapshot() == before
