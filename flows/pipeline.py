@@ -42,7 +42,7 @@ from ruamel.yaml import YAML
 from flows.workspace import check_experiment_name, dvc, exclusive, experiment_ref, git, run_workspace, untracked_files
 from stack_dpo.entrypoint import PERMANENT_FAILURE
 from stack_dpo.outputs import write_text_atomic
-from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, read_yaml, validate
+from stack_dpo.params import PARAMS_FILE, check_machine, deep_merge, flatten, read_yaml, validate
 from stack_dpo.paths import MERGED, METRICS, PUSH_REPORT
 
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit GPU stages hold a slot of
@@ -161,9 +161,10 @@ def ensure_gpu_limit(slots: int) -> None:
 
 def params_with_overrides(checkout: Path, overrides: dict) -> str:
     """The checkout's params.yaml with `overrides` merged in (comments kept), validated with the
-    stages' schema: invalid params fail here, before any stage or workspace."""
+    stages' schema and checked against this machine (CUDA for 4-bit): invalid params fail here,
+    before any stage or workspace."""
     original = (checkout / PARAMS_FILE).read_text()
-    validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides")
+    check_machine(validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides"))
     if not overrides:
         return original
     rt = YAML()

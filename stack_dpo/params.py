@@ -249,13 +249,28 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def profile_set_args(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> list[str]:
     """`-S key=value` arguments that turn params.yaml into `profile` (validated first)."""
-    base = read_yaml(params_file)
     override = read_yaml(profile) or {}
-    validate(deep_merge(base, override), f"{params_file} + {profile}")
+    profile_params(profile, params_file)
     args = []
     for key, value in flatten(override).items():
         args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return args
+
+
+def profile_params(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> Params:
+    """params.yaml with `profile` laid over it, validated."""
+    return validate(deep_merge(read_yaml(params_file), read_yaml(profile) or {}), f"{params_file} + {profile}")
+
+
+def check_machine(params: Params) -> None:
+    """What this machine must have for `params` (CUDA for 4-bit), checked before an experiment
+    touches the workspace: a 7B profile refused on a CPU must not first replace params.yaml
+    and data/raw and then fail."""
+    if params.model.quantization == "none":
+        return
+    from stack_dpo.modeling import quantization_config  # torch and transformers: only when needed
+
+    quantization_config(params.model)
 
 
 def main() -> None:
@@ -267,12 +282,13 @@ def main() -> None:
         if args.profile:
             set_args = profile_set_args(args.profile)
             if args.run_exp:
+                check_machine(profile_params(args.profile))
                 os.execvp("dvc", ["dvc", "exp", "run", "--name", args.run_exp, *set_args])
             print(" ".join(set_args))
         else:
             load_params()
             print(f"{PARAMS_FILE}: valid")
-    except ParamsError as exc:
+    except InvalidInput as exc:
         sys.exit(str(exc))
 
 
