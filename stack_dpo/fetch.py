@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from datasets import Features, load_dataset
 
 from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.faults import TransientError, no_space, transient, with_retries
 from stack_dpo.outputs import ShardWriter
 from stack_dpo.params import InvalidInput, Params
 
@@ -42,7 +43,13 @@ def read_footers(folder: Path) -> tuple[list[str], list[str]]:
     return with_rows, bad
 
 
-def unreadable(source: str, folder: Path, exc: Exception) -> InvalidInput:
+def read_failure(source: str, folder: Path, exc: Exception) -> Exception:
+    """What a failure to read the source is: invalid input (the shards themselves), unless it
+    is a fault of the network, the Hub or the disk, which a retry may get past."""
+    if isinstance(exc, InvalidInput) or no_space(exc):
+        return exc
+    if transient(exc):
+        return TransientError(f"{source}: {type(exc).__name__}: {exc}")
     named = read_footers(folder)[1] if folder.is_dir() else []
     return InvalidInput(f"{source}: cannot be read as parquet shards: {'; '.join(named) or exc}")
 
@@ -52,7 +59,8 @@ def open_split(params: Params, source: str, data_dir: str):
     rows (the Hub's parquet builder reads the same files, but fails on a shard of zero rows)."""
     local = Path(params.data.source) / data_dir
     if not Path(params.data.source).is_dir():
-        return load_dataset(params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming)
+        return with_retries(f"{source}: opening the dataset on the Hub", lambda: load_dataset(
+            params.data.source, data_dir=data_dir, split="train", streaming=params.fetch.streaming))
     if not local.is_dir():
         raise InvalidInput(f"{source}: split folder {local} does not exist; expected parquet shards in it")
     shards, corrupt = read_footers(local)
@@ -86,22 +94,23 @@ def fetch_split(params: Params, split: str, out_dir: Path) -> int:
     local = Path(params.data.source) / data_dir
     try:
         dataset = open_split(params, source, data_dir)
-    except InvalidInput:
-        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise unreadable(source, local, exc) from None
+        raise read_failure(source, local, exc) from None
     check_columns(source, dataset)
     if cap is not None:
         dataset = dataset.take(cap)
     writer = ShardWriter(out_dir / split, RAW_SCHEMA, params.fetch.shard_rows)
     # Close the stream here, not at interpreter exit: a reader left suspended by the row cap
     # was once torn down during shutdown and aborted the process after the data was written.
-    try:
-        with contextlib.closing(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)) as batches:
-            for batch in batches:
-                writer.write(batch.select(RAW_SCHEMA.names))
-    except (pa.ArrowException, OSError) as exc:
-        raise unreadable(source, local, exc) from None
+    with contextlib.closing(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)) as batches:
+        while True:
+            try:  # a failure to read is the source's; one to write (a full disk) is not
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise read_failure(source, local, exc) from None
+            if batch is None:
+                break
+            writer.write(batch.select(RAW_SCHEMA.names))
     writer.close()
     del dataset
     gc.collect()
