@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.faults import NO_SPACE_EXIT
 from stack_dpo.modeling import load_base_model, load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
@@ -275,3 +276,16 @@ def test_an_unknown_lora_target_is_refused_before_sft_touches_its_checkpoints(tr
             with pytest.raises(InvalidInput, match=r"sft.lora.target_modules: \['v_prj'\] name no module .* 'v_proj'"):
                 sft.run(bad)
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("stage, where", [("fetch", "data/.raw.tmp-"), ("prepare", "metrics/.prepare.json.tmp-")])
+def test_a_full_disk_is_reported_as_such_and_retryable(tmp_path, stage, where):
+    ws = _raw_workspace(tmp_path) if stage == "prepare" else make_workspace(tmp_path)
+    hook = REPO / "tests/killpoint"  # its sitecustomize fails writes under `where` with ENOSPC
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, capture_output=True, text=True,
+                          env=subprocess_env(PYTHONPATH=f"{hook}:{REPO}", STACK_DPO_KILL_POINT=f"no-space:{where}"))
+    assert done.returncode == NO_SPACE_EXIT, done.stderr  # not invalid input (2): retried once space is freed
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("stack-dpo: out of disk space, retry when freed: no space left on the device writing ")
+    assert where in last and "GiB free there" in last and "Traceback" not in done.stderr
+    assert not (ws / f"metrics/{stage}.json").exists()  # outputs and metrics still agree
