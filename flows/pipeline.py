@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -40,13 +41,14 @@ from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
 from flows.workspace import check_experiment_name, dvc, exclusive, experiment_ref, git, run_workspace, untracked_files
-from stack_dpo.entrypoint import PERMANENT_FAILURE
+from stack_dpo.faults import INVALID_INPUT_EXIT
 from stack_dpo.outputs import write_text_atomic
-from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, validate
+from stack_dpo.params import PARAMS_FILE, check_machine, deep_merge, flatten, read_yaml, validate
 from stack_dpo.paths import MERGED, METRICS, PUSH_REPORT
 
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit GPU stages hold a slot of
 KILL_GRACE_S = 10
+STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # DVC's line for a failed stage command
 
 
 class StageFailed(RuntimeError):
@@ -143,11 +145,13 @@ def run_stage(stage: str, workdir: str, uses_gpu: bool) -> None:
     with slot:
         returncode, lines = run_dvc(["repro", "--single-item", stage], Path(workdir), logger.info)
     if returncode != 0:
-        permanent = [line for line in lines if PERMANENT_FAILURE in line]
-        if permanent:
-            raise PermanentStageFailure(f"stage {stage}: {permanent[-1]}")
-        raise StageFailed(f"stage {stage}: `dvc repro --single-item {stage}` exited {returncode}: "
-                          + " | ".join(lines[-3:]))
+        # the stage's own exit code (stack_dpo.faults), as DVC reports it, decides the retry
+        exit_codes = [int(found) for line in lines for found in STAGE_EXIT.findall(line)]
+        reason = next((line for line in reversed(lines) if line.startswith("stack-dpo: ")), " | ".join(lines[-3:]))
+        if exit_codes and exit_codes[-1] == INVALID_INPUT_EXIT:
+            raise PermanentStageFailure(f"stage {stage}: {reason}")
+        raise StageFailed(f"stage {stage}: `dvc repro --single-item {stage}` exited {returncode}"
+                          + (f" (the stage exited {exit_codes[-1]})" if exit_codes else "") + f": {reason}")
 
 
 def ensure_gpu_limit(slots: int) -> None:
@@ -161,9 +165,10 @@ def ensure_gpu_limit(slots: int) -> None:
 
 def params_with_overrides(checkout: Path, overrides: dict) -> str:
     """The checkout's params.yaml with `overrides` merged in (comments kept), validated with the
-    stages' schema: invalid params fail here, before any stage or workspace."""
+    stages' schema and checked against this machine (CUDA for 4-bit): invalid params fail here,
+    before any stage or workspace."""
     original = (checkout / PARAMS_FILE).read_text()
-    validate(deep_merge(yaml.safe_load(original), overrides), f"{PARAMS_FILE} + flow overrides")
+    check_machine(validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides"))
     if not overrides:
         return original
     rt = YAML()
@@ -239,7 +244,7 @@ def pipeline(
     checkout = Path(workdir).resolve()
     experiment = experiment or flow_run.get_name()
     check_experiment_name(experiment)
-    overrides = deep_merge(yaml.safe_load((checkout / profile).read_text()) if profile else {}, overrides or {})
+    overrides = deep_merge((read_yaml(checkout / profile) or {}) if profile else {}, overrides or {})
     params = params_with_overrides(checkout, overrides)  # invalid params fail here, before any stage
     order = pipeline_stages(checkout)
     unknown = set(stages or []) - {name for name, _ in order}

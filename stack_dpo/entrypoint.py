@@ -1,9 +1,10 @@
 """The entry point every stage shares: validate params.yaml first, then run the stage.
 
 Bad params or data end the stage with exit code 2 and a line starting with PERMANENT_FAILURE,
-which tells the Prefect flow not to retry it. A training stage whose params ask for more than
-one process re-runs itself under `accelerate launch` (DDP, or the FSDP / DeepSpeed setup of
-launch.config_file)."""
+which tells the Prefect flow not to retry it; a full disk and a transient fault end it with
+their own codes and one line each (stack_dpo.faults), and the flow retries them. A training
+stage whose params ask for more than one process re-runs itself under `accelerate launch`
+(DDP, or the FSDP / DeepSpeed setup of launch.config_file)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import os
 import sys
 from collections.abc import Callable
 
+from stack_dpo.faults import (
+    INVALID_INPUT_EXIT,
+    NO_SPACE_EXIT,
+    TRANSIENT_EXIT,
+    TransientError,
+    describe_no_space,
+    no_space,
+)
 from stack_dpo.params import InvalidInput, LaunchParams, Params, load_params
 
 PERMANENT_FAILURE = "stack-dpo: invalid input, not retrying:"
+TRANSIENT_FAILURE = "stack-dpo: transient failure, retry later:"
+NO_SPACE_FAILURE = "stack-dpo: out of disk space, retry when freed:"
 
 
 def accelerate_command(module: str, launch: LaunchParams) -> list[str]:
@@ -49,4 +60,12 @@ def main(run: Callable[[Params], object], distributed: bool = False) -> None:
         run(params)
     except InvalidInput as exc:
         print(f"{PERMANENT_FAILURE} {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(INVALID_INPUT_EXIT)
+    except TransientError as exc:
+        print(f"{TRANSIENT_FAILURE} {exc}", file=sys.stderr)
+        sys.exit(TRANSIENT_EXIT)
+    except OSError as exc:
+        if not no_space(exc):
+            raise
+        print(f"{NO_SPACE_FAILURE} {describe_no_space(exc)}", file=sys.stderr)
+        sys.exit(NO_SPACE_EXIT)

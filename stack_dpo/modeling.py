@@ -31,6 +31,9 @@ def checked_source(name_or_path: str | Path) -> str:
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(checked_source(name_or_path))
+    if tokenizer.eos_token is None:  # every SFT text and DPO answer ends with it, and padding uses it
+        raise InvalidInput(f"model.name_or_path = {str(name_or_path)!r}: its tokenizer has no EOS token; expected one "
+                           "(eos_token in tokenizer_config.json), which ends every training text")
     if tokenizer.pad_token is None:  # Llama-2 has none; the recipe pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -51,11 +54,33 @@ def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
     )
 
 
-def preflight(model: ModelParams) -> None:
-    """What loading the base will need (a model source, CUDA for 4-bit), checked before a
-    training stage deletes or rewrites anything, checkpoints included."""
+def preflight(model: ModelParams, lora: LoraParams | None = None) -> None:
+    """What training will need (a model source, CUDA for 4-bit, a tokenizer with EOS, LoRA
+    targets that name modules of the model), checked before a training stage deletes or
+    rewrites anything, checkpoints included."""
     checked_source(model.name_or_path)
     quantization_config(model)
+    load_tokenizer(model.name_or_path)
+    if lora is not None:
+        check_lora_targets(model, lora)
+
+
+def check_lora_targets(model: ModelParams, lora: LoraParams) -> None:
+    """Every LoRA target must name modules of the base model (PEFT skips a name that matches
+    nothing as long as another one matches), checked on the model built on the meta device:
+    its config only, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checked_source(model.name_or_path)))
+    names = [name for name, _ in skeleton.named_modules()]
+    unknown = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise InvalidInput(f"sft.lora.target_modules: {unknown} name no module of {model.name_or_path!r}; "
+                           f"expected names of its layers, such as {linear}")
 
 
 def device_map() -> dict | None:

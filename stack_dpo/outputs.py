@@ -35,15 +35,29 @@ def remove_leftovers(target: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def usual_mode(mode: int) -> int:
+    """`mode` less the process's umask. tempfile makes private temporaries (0700, 0600); outputs
+    get the usual permissions instead, as a shared DVC cache and the volumes of other users and
+    pods need (no output holds a secret)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `target`; on success it replaces `target`."""
+def atomic_dir(target: str | Path, stale: str | Path | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; on success it replaces `target`. The
+    `stale` file (the metrics of the old output) is removed first, so a failure in between never
+    leaves an output beside the metrics of another."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, usual_mode(0o777))
     try:
         yield tmp
+        if stale is not None:
+            Path(stale).unlink(missing_ok=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -61,6 +75,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
+        os.chmod(tmp, usual_mode(0o666))
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -60,6 +60,7 @@ class FetchParams(Section):
 class PrepareParams(Section):
     max_prompt_length: StrictInt = Field(gt=0)
     max_length: StrictInt = Field(gt=0)
+    max_sft_length: StrictInt | None = Field(None, gt=0)  # None: max_length
     sft_eval_fraction: float = Field(gt=0, lt=1)
     batch_rows: StrictInt = Field(10_000, gt=0)
     num_proc: StrictInt | None = Field(None, gt=0)
@@ -184,15 +185,44 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise ParamsError(_describe(exc.errors(), source)) from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping (plain YAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is written twice, on lines {lines[key]} and {line}; keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A params or profile file, as UTF-8 YAML with no key written twice; else ParamsError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+        raise ParamsError(f"{path}: not found (paths are relative to the repository root)") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: not UTF-8 text (byte {data[exc.start:exc.start + 1]!r} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        raise ParamsError(f"{path}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return validate(raw, str(path))
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    return validate(read_yaml(path), str(path))
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -219,13 +249,28 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def profile_set_args(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> list[str]:
     """`-S key=value` arguments that turn params.yaml into `profile` (validated first)."""
-    base = yaml.safe_load(params_file.read_text())
-    override = yaml.safe_load(profile.read_text()) or {}
-    validate(deep_merge(base, override), f"{params_file} + {profile}")
+    override = read_yaml(profile) or {}
+    profile_params(profile, params_file)
     args = []
     for key, value in flatten(override).items():
         args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     return args
+
+
+def profile_params(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> Params:
+    """params.yaml with `profile` laid over it, validated."""
+    return validate(deep_merge(read_yaml(params_file), read_yaml(profile) or {}), f"{params_file} + {profile}")
+
+
+def check_machine(params: Params) -> None:
+    """What this machine must have for `params` (CUDA for 4-bit), checked before an experiment
+    touches the workspace: a 7B profile refused on a CPU must not first replace params.yaml
+    and data/raw and then fail."""
+    if params.model.quantization == "none":
+        return
+    from stack_dpo.modeling import quantization_config  # torch and transformers: only when needed
+
+    quantization_config(params.model)
 
 
 def main() -> None:
@@ -237,12 +282,13 @@ def main() -> None:
         if args.profile:
             set_args = profile_set_args(args.profile)
             if args.run_exp:
+                check_machine(profile_params(args.profile))
                 os.execvp("dvc", ["dvc", "exp", "run", "--name", args.run_exp, *set_args])
             print(" ".join(set_args))
         else:
             load_params()
             print(f"{PARAMS_FILE}: valid")
-    except ParamsError as exc:
+    except InvalidInput as exc:
         sys.exit(str(exc))
 
 

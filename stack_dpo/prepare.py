@@ -39,16 +39,18 @@ from stack_dpo.paths import RAW
 # The drop rules, in the order they apply (a row is counted under the first that matches).
 TEXT_RULES = (
     "invalid_utf8",            # a text that is not UTF-8 (lone surrogates, stray bytes)
-    "empty_question",          # empty or whitespace only
+    "missing_qid",             # no question id: neither the SFT split nor the evaluation overlap can use it
+    "empty_question",          # empty, or only whitespace, zero-width characters and byte-order marks
     "empty_response_j",
     "empty_response_k",
     "control_characters",      # control characters other than tab, newline, carriage return
-    "chosen_equals_rejected",  # nothing to prefer
+    "chosen_equals_rejected",  # nothing to prefer: the same text up to whitespace
     "qid_in_evaluation",       # a training row whose question is in the evaluation split
 )
 TOKEN_RULES = ("prompt_too_long", "chosen_too_long", "rejected_too_long")  # prepare.max_prompt_length / max_length
 DROP_RULES = {
-    "sft": (*TEXT_RULES, "duplicate_text"),  # a question's preferred answer is trained on once
+    # a question's preferred answer is trained on once; text_too_long: prepare.max_sft_length
+    "sft": (*TEXT_RULES, "duplicate_text", "text_too_long"),
     "dpo": (*TEXT_RULES, "duplicate_pair", *TOKEN_RULES),
 }
 
@@ -57,6 +59,8 @@ DPO_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("reje
 REQUIRED = ["qid", "question", "response_j", "response_k"]
 TEXT_COLUMNS = ("question", "response_j", "response_k")
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # not tab, newline or carriage return
+# Unicode whitespace (RE2's \s is ASCII only) and the invisible zero-width characters and BOM
+BLANK = r"[\s\x{85}\pZ\x{200B}-\x{200D}\x{2060}\x{FEFF}]"
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 TOKENIZATION_SAMPLE = 64  # rl pairs whose tokenization is checked before any work
 log = logging.getLogger("stack_dpo.prepare")
@@ -142,20 +146,24 @@ def text_masks(batch: pa.RecordBatch, eval_qids: np.ndarray | None) -> tuple[pa.
     batch, bad_utf8 = readable(batch)
 
     def empty(name):
-        col = batch.column(name)
-        return pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True).to_numpy(False)
+        return pc.fill_null(pc.match_substring_regex(batch.column(name), f"^{BLANK}*$"), True).to_numpy(False)
+
+    def words(name):  # the text with each run of blanks as one space, none at the ends
+        spaced = pc.replace_substring_regex(batch.column(name), f"{BLANK}+", " ")
+        return pc.utf8_trim(spaced, " ")
 
     def control(name):
         return pc.fill_null(pc.match_substring_regex(batch.column(name), CONTROL_CHARACTERS), False).to_numpy(False)
 
     masks = {
         "invalid_utf8": bad_utf8,
+        "missing_qid": pc.is_null(batch.column("qid")).to_numpy(False),
         "empty_question": empty("question"),
         "empty_response_j": empty("response_j"),
         "empty_response_k": empty("response_k"),
         "control_characters": control("question") | control("response_j") | control("response_k"),
         "chosen_equals_rejected":
-            pc.fill_null(pc.equal(batch.column("response_j"), batch.column("response_k")), False).to_numpy(False),
+            pc.fill_null(pc.equal(words("response_j"), words("response_k")), False).to_numpy(False),
     }
     if eval_qids is not None:
         masks["qid_in_evaluation"] = np.isin(batch.column("qid").to_numpy(False), eval_qids)
@@ -237,18 +245,24 @@ def token_counts(tokenizer, texts: list[str], chunk: int = 256) -> np.ndarray:
                      for encoding in encode(texts[start:start + chunk], add_special_tokens=True)], dtype=np.int64)
 
 
+def longer_than(tokenizer, max_chars: int, texts: list[str], todo: np.ndarray, limit: int) -> np.ndarray:
+    """Which of the `todo` texts have more than `limit` tokens; a text of more characters than
+    the limit allows for is not tokenized at all."""
+    bad = np.zeros(len(texts), dtype=bool)
+    fits = [i for i in np.flatnonzero(todo) if len(texts[i]) <= limit * max_chars]
+    bad[todo] = True  # too many characters to fit, unless tokenized below
+    if fits:
+        bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit
+    return bad
+
+
 def token_masks(tokenizer, prompts, chosen, rejected, params: Params, max_chars: int) -> Masks:
     """The TOKEN_RULES masks, each computed only for the rows the earlier ones kept (a row is
     counted under its first rule), counted as TRL's DPOTrainer tokenizes: prompt, and prompt +
     answer + EOS."""
 
     def too_long(texts: list[str], todo: np.ndarray, limit: int) -> np.ndarray:
-        bad = np.zeros(len(texts), dtype=bool)
-        fits = [i for i in np.flatnonzero(todo) if len(texts[i]) <= limit * max_chars]
-        bad[todo] = True  # too many characters to fit, unless tokenized below
-        if fits:
-            bad[fits] = token_counts(tokenizer, [texts[i] for i in fits]) > limit
-        return bad
+        return longer_than(tokenizer, max_chars, texts, todo, limit)
 
     eos = tokenizer.eos_token
     prompt_long = too_long(prompts, np.ones(len(prompts), dtype=bool), params.prepare.max_prompt_length)
@@ -307,6 +321,8 @@ def is_sft_eval(qids: np.ndarray, fraction: float) -> np.ndarray:
 def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
     """The finetune split -> SFT texts in out/{train,eval}; returns its drop counts."""
     drops = Drops(DROP_RULES["sft"])  # eval_qids is always given: the rule applies
+    tokenizer, max_chars = tokenizer_and_max_chars(params.model.name_or_path)
+    limit = params.prepare.max_sft_length or params.prepare.max_length
     train = ShardWriter(out / "train", SFT_SCHEMA, params.fetch.shard_rows)
     evaluation = ShardWriter(out / "eval", SFT_SCHEMA, params.fetch.shard_rows)
     seen = SeenPairs()
@@ -315,9 +331,14 @@ def prepare_sft(params: Params, eval_qids: np.ndarray, out: Path) -> dict:
         valid = passes(masks)
         masks["duplicate_text"] = np.zeros(batch.num_rows, dtype=bool)
         masks["duplicate_text"][valid] = seen.duplicates(sft_hashes(batch.filter(pa.array(valid))))
-        batch = batch.filter(pa.array(drops.keep(batch.num_rows, masks)))
+        valid &= ~masks["duplicate_text"]
         pairs = zip(batch.column("question").to_pylist(), batch.column("response_j").to_pylist())
-        texts = pa.array([sft_text(question, answer) for question, answer in pairs], pa.string())
+        texts = [sft_text(question, answer) if ok else "" for ok, (question, answer) in zip(valid, pairs)]
+        masks["text_too_long"] = longer_than(tokenizer, max_chars, [t + tokenizer.eos_token for t in texts], valid,
+                                             limit)
+        keep = drops.keep(batch.num_rows, masks)
+        batch = batch.filter(pa.array(keep))
+        texts = pa.array([text for text, kept in zip(texts, keep) if kept], pa.string())
         to_eval = is_sft_eval(batch.column("qid").to_numpy(False), params.prepare.sft_eval_fraction)
         train.write(pa.table({"text": texts.filter(pa.array(~to_eval))}))
         evaluation.write(pa.table({"text": texts.filter(pa.array(to_eval))}))
@@ -430,7 +451,12 @@ def prepare_dpo(params: Params, split: str, eval_qids: np.ndarray | None, folder
 
 
 def num_workers(params: Params) -> int:
-    return params.prepare.num_proc or os.cpu_count() or 1
+    """prepare.num_proc, or every core this process may use; more processes than cores only thrash."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if (params.prepare.num_proc or 0) > cores:
+        raise InvalidInput(f"prepare.num_proc = {params.prepare.num_proc}: this machine has {cores} cores for this "
+                           f"process; expected at most {cores} (or no value, to use them all)")
+    return params.prepare.num_proc or cores
 
 
 def check_not_empty(metrics: dict) -> None:

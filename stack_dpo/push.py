@@ -14,6 +14,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from stack_dpo.card import lineage_body, model_card, render_plots
+from stack_dpo.faults import Unreachable, with_retries
 from stack_dpo.params import InvalidInput, Params
 from stack_dpo.paths import MERGED, METRICS
 
@@ -34,11 +35,13 @@ def check_access(api: HfApi, repo_id: str) -> str:
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:
             raise PushError(f"the Hub at {api.endpoint} rejected the token (401): set a valid HF_TOKEN") from None
+        if status is not None and (status >= 500 or status == 429):  # the Hub cannot serve now: retried
+            raise Unreachable(f"the Hub at {api.endpoint} answered {status} to whoami") from None
         answer = f"answered {status}" if status is not None else f"failed without a response ({exc})"
-        raise RuntimeError(f"the Hub at {api.endpoint} {answer} to whoami") from None  # retryable
-    except httpx2.HTTPError as exc:  # a transient failure: not InvalidInput, so it is retried
-        raise RuntimeError(f"the Hub at {api.endpoint} is unreachable ({type(exc).__name__}); "
-                           "check HF_ENDPOINT and the network") from None
+        raise RuntimeError(f"the Hub at {api.endpoint} {answer} to whoami") from None  # the flow retries it
+    except httpx2.HTTPError as exc:
+        raise Unreachable(f"the Hub at {api.endpoint} is unreachable ({type(exc).__name__}); "
+                          "check HF_ENDPOINT and the network") from None
     writable = {me["name"], *(org["name"] for org in me.get("orgs", []))}
     namespace = repo_id.split("/")[0]
     if namespace not in writable:
@@ -84,7 +87,13 @@ def push(params: Params) -> dict:
         raise InvalidInput("push refused: " + "; ".join(unvetted) + ". Set push.allow_unvetted: true to push "
                            "anyway (the model card then says which checks it failed)")
     api = HfApi()
-    user = check_access(api, settings.repo_id)
+    user = with_retries("push", lambda: check_access(api, settings.repo_id))
+    return with_retries("push", lambda: upload(api, params, user, metrics, unvetted))
+
+
+def upload(api: HfApi, params: Params, user: str, metrics: dict, unvetted: list[str]) -> dict:
+    """models/merged, the plots and the card in one commit (huggingface_hub skips files the Hub has)."""
+    settings = params.push
     repo = api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
     if settings.revision != constants.DEFAULT_REVISION and not settings.create_pr:
         api.create_branch(repo.repo_id, branch=settings.revision, exist_ok=True)

@@ -142,14 +142,15 @@ def train(trainer, checkpoint: Path | None) -> dict:
     }
 
 
-def save_adapter(trainer, tokenizer, out: Path) -> None:
-    """The trained adapter (not TRL's frozen "ref" copy) to `out`, written by rank 0 only.
+def save_adapter(trainer, tokenizer, out: Path, metrics: Path) -> None:
+    """The trained adapter (not TRL's frozen "ref" copy) to `out`, written by rank 0 only, the
+    old `metrics` removed first (write_metrics writes the new ones).
     Under FSDP or DeepSpeed ZeRO-3 the weights are sharded: every rank joins in gathering them."""
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not is_main_process():
         return
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stale=metrics) as tmp:
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state_dict)
         tokenizer.save_pretrained(tmp)

@@ -30,7 +30,7 @@ def run(params: Params) -> dict:
     trainer = build_trainer(params, config, checkpoint)
     guard = check_policy_equals_reference(trainer) if checkpoint is None else None
     metrics = {"beta": params.dpo.beta, "start_check": guard, **training.train(trainer, checkpoint)}
-    training.save_adapter(trainer, trainer.processing_class, DPO_ADAPTER)
+    training.save_adapter(trainer, trainer.processing_class, DPO_ADAPTER, METRICS / "dpo.json")
     training.write_metrics(METRICS / "dpo.json", metrics)
     return metrics
 

@@ -21,11 +21,11 @@ from stack_dpo.paths import METRICS, RAW
 
 
 def run(params: Params) -> dict:
-    with atomic_dir(RAW) as tmp:
+    with atomic_dir(RAW, stale=METRICS / "fetch.json") as tmp:
         rows = {split: fetch_split(params, split, tmp) for split in SPLITS}
         metrics = {"rows": rows, "source": params.data.source,
                    "revision": hub_revision(params.data.source, "dataset")}  # None: local, or the Hub did not answer
-        write_json_atomic(METRICS / "fetch.json", metrics)
+    write_json_atomic(METRICS / "fetch.json", metrics)
     return metrics
 
 

@@ -43,7 +43,7 @@ def run(params: Params) -> dict:
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     gap = merge_gap(params, merged, tokenizer)
     log.info("merge gap on %d held-out pairs: %s", gap["pairs"], gap)
-    with atomic_dir(MERGED) as tmp:
+    with atomic_dir(MERGED, stale=METRICS / "merge.json") as tmp:
         merged.to(DTYPES[params.merge.save_dtype]).save_pretrained(tmp, max_shard_size=params.merge.max_shard_size)
         tokenizer.save_pretrained(tmp)
         model_card(params).save(tmp / "README.md")

@@ -27,6 +27,7 @@ from stack_dpo.prepare import (
     TOKENIZATION_SAMPLE,
     check_not_empty,
     check_tokenization,
+    num_workers,
     prepare_dpo,
     prepare_sft,
     raw_batches,
@@ -39,6 +40,7 @@ log = logging.getLogger("stages.prepare")
 
 def run(params: Params) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
+    num_workers(params)  # checked before any work
     # loaded once: the workers forked later inherit it (and its max_token_chars)
     tokenizer, _ = tokenizer_and_max_chars(params.model.name_or_path)
     check_tokenization(tokenizer, *sample_pairs(TOKENIZATION_SAMPLE))
@@ -46,7 +48,8 @@ def run(params: Params) -> dict:
         np.concatenate([b.column("qid").to_numpy(False) for b in raw_batches("evaluation", params.prepare.batch_rows)])
     )
     metrics: dict = {}
-    with atomic_dir(SFT_DATA) as sft_tmp, atomic_dir(DPO_DATA) as dpo_tmp:
+    stale = METRICS / "prepare.json"  # outputs and metrics land together (a failure between leaves no metrics)
+    with atomic_dir(SFT_DATA, stale) as sft_tmp, atomic_dir(DPO_DATA, stale) as dpo_tmp:
         for name, work in (("sft", lambda: prepare_sft(params, eval_qids, sft_tmp)),
                            ("dpo/train", lambda: prepare_dpo(params, "rl", eval_qids, dpo_tmp / "train")),
                            ("dpo/eval", lambda: prepare_dpo(params, "evaluation", None, dpo_tmp / "eval"))):

@@ -33,7 +33,7 @@ def run(params: Params) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(params, dpo_config(params, Path(scratch)), None, with_reference=False)
     metrics = {}
-    with atomic_dir(REFERENCE) as tmp:
+    with atomic_dir(REFERENCE, stale=METRICS / "reference.json") as tmp:
         for split, data in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
             table = data.select_columns(REFERENCE_COLUMNS).data.table
             (tmp / split).mkdir()

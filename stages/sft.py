@@ -20,7 +20,7 @@ from stack_dpo.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 
 def run(params: Params) -> dict:
-    preflight(params.model)  # a refused run leaves the checkpoints as they were
+    preflight(params.model, params.sft.lora)  # a refused run leaves the checkpoints as they were
     inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
         "sft", {"model": params.model, "sft": params.sft, "launch": params.launch},
         [SFT_DATA, Path(params.model.name_or_path)])
@@ -50,7 +50,7 @@ def run(params: Params) -> dict:
     )
     metrics = {**training.train(trainer, checkpoint),
                "base_model_revision": hub_revision(params.model.name_or_path, "model")}  # None: local or offline
-    training.save_adapter(trainer, tokenizer, SFT_ADAPTER)
+    training.save_adapter(trainer, tokenizer, SFT_ADAPTER, METRICS / "sft.json")
     training.write_metrics(METRICS / "sft.json", metrics)
     return metrics
 

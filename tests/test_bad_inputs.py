@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.faults import NO_SPACE_EXIT
 from stack_dpo.modeling import load_base_model, load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
@@ -174,3 +175,117 @@ def test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were(trained, tmp_pat
         with pytest.raises(InvalidInput, match="needs CUDA"):
             {"sft": sft, "dpo": dpo}[stage].run(qlora)
     assert snapshot() == before
+
+
+def _mirror_with_second_shard(tmp_path, split, second):
+    """The sample with one split cut into two shards, the second changed by `second(table)`."""
+    ws = mirror_with(tmp_path, split, lambda table: table)
+    folder = tmp_path / "mirror/data" / split
+    table = pq.read_table(folder)
+    half = table.num_rows // 2
+    shutil.rmtree(folder)
+    folder.mkdir()
+    pq.write_table(table.slice(0, half), folder / "train-00000-of-00002.parquet")
+    pq.write_table(second(table.slice(half)), folder / "train-00001-of-00002.parquet")
+    return ws, folder / "train-00001-of-00002.parquet", table.num_rows
+
+
+def test_a_column_missing_from_a_later_shard_names_the_file_and_column(tmp_path):
+    ws, shard, _ = _mirror_with_second_shard(tmp_path, "rl", lambda t: t.drop_columns(["response_k"]))
+    message = fetch_error(ws)
+    assert f"{shard}: missing columns ['response_k']" in message
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_shard_of_zero_rows_adds_nothing(tmp_path, streaming):
+    ws, shard, rows = _mirror_with_second_shard(tmp_path, "rl", lambda t: t.slice(0, 0))
+    with inside(ws) as params:
+        uncapped = params.fetch.max_rows.model_copy(update={"rl": None})
+        fetched = params.model_copy(update={"fetch": params.fetch.model_copy(
+            update={"streaming": streaming, "max_rows": uncapped})})
+        metrics = fetch.run(fetched)
+    assert metrics["rows"]["rl"] == rows // 2 == pq.read_table(ws / "data/raw/rl").num_rows
+
+
+def test_invisible_texts_whitespace_only_differences_and_missing_qids_are_dropped_by_reason(tmp_path):
+    ws = _raw_workspace(tmp_path)
+    rows = pq.read_table(ws / "data/raw/rl").to_pylist()
+    rows[0]["question"] = "\ufeff\u200b \u200d"  # a byte-order mark and zero-width characters only
+    rows[1]["response_j"] = "\u2060\u00a0\n"
+    rows[2]["response_k"] = "  " + rows[2]["response_j"].replace(" ", " \t ") + "\n"  # the same words
+    rows[3]["qid"] = None
+    _rewrite_rl(ws, rows)
+    with inside(ws) as params:
+        counts = prepare.run(params)["dpo/train"]
+    dropped = counts["dropped"]
+    assert (dropped["empty_question"], dropped["empty_response_j"], dropped["chosen_equals_rejected"],
+            dropped["missing_qid"]) == (1, 1, 1, 1)
+    assert counts["input"] == len(rows) == counts["kept"] + sum(dropped.values())
+    kept = pq.read_table(ws / "data/processed/dpo/train").to_pylist()
+    assert not any(pair["chosen"] == rows[1]["response_j"] or pair["rejected"] == rows[2]["response_k"]
+                   for pair in kept)
+
+
+def test_an_sft_text_over_the_token_limit_is_dropped_by_reason(tmp_path):
+    ws = _raw_workspace(tmp_path)
+    shard = next((ws / "data/raw/finetune").glob("*.parquet"))
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["response_j"] = "word " * 200_000  # one huge answer would be most of the SFT tokens
+    rows[1]["response_j"] = "word " * 1500  # over a limit of 1,000 tokens, within 10,000
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), shard)
+    with inside(ws) as params:
+        counts = prepare.run(params)["sft"]
+        assert counts["dropped"]["text_too_long"] == 1  # the default limit: prepare.max_length (10,000 here)
+        limited = params.model_copy(update={"prepare": params.prepare.model_copy(update={"max_sft_length": 1000})})
+        counts = prepare.run(limited)["sft"]
+    assert counts["dropped"]["text_too_long"] == 2
+    assert counts["input"] == counts["kept"] + sum(counts["dropped"].values())
+    texts = pq.read_table(ws / "data/processed/sft").column("text").to_pylist()
+    assert max(len(text) for text in texts) < len(rows[1]["response_j"])
+
+
+def test_a_tokenizer_without_eos_is_refused_before_prepare_starts_workers(tmp_path):
+    model = tmp_path / "no-eos"
+    shutil.copytree(REPO / "data/sample/tiny-llama", model)
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"eos_token": "</s>"', '"eos_token": null'))
+    assert load_tokenizer(REPO / "data/sample/tiny-llama").eos_token == "</s>"
+    ws = _raw_workspace(tmp_path / "ws")
+    with inside(ws) as params:
+        other = params.model_copy(update={"model": params.model.model_copy(update={"name_or_path": str(model)})})
+        with pytest.raises(InvalidInput, match="its tokenizer has no EOS token"):
+            prepare.run(other)
+    assert not (ws / "data/processed").exists()
+
+
+def test_an_unknown_lora_target_is_refused_before_sft_touches_its_checkpoints(trained, tmp_path):
+    from stages import sft
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+
+    def snapshot():
+        return {p: p.read_bytes() for folder in ("checkpoints", "models", "metrics")
+                for p in sorted((ws / folder).rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for targets in (["q_proj", "v_prj"], ["v_prj"]):  # next to a known one PEFT would skip it silently
+        with inside(ws) as params:
+            lora = params.sft.lora.model_copy(update={"target_modules": targets})
+            bad = params.model_copy(update={"sft": params.sft.model_copy(update={"lora": lora})})
+            with pytest.raises(InvalidInput, match=r"sft.lora.target_modules: \['v_prj'\] name no module .* 'v_proj'"):
+                sft.run(bad)
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("stage, where", [("fetch", "data/.raw.tmp-"), ("prepare", "metrics/.prepare.json.tmp-")])
+def test_a_full_disk_is_reported_as_such_and_retryable(tmp_path, stage, where):
+    ws = _raw_workspace(tmp_path) if stage == "prepare" else make_workspace(tmp_path)
+    hook = REPO / "tests/killpoint"  # its sitecustomize fails writes under `where` with ENOSPC
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, capture_output=True, text=True,
+                          env=subprocess_env(PYTHONPATH=f"{hook}:{REPO}", STACK_DPO_KILL_POINT=f"no-space:{where}"))
+    assert done.returncode == NO_SPACE_EXIT, done.stderr  # not invalid input (2): retried once space is freed
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("stack-dpo: out of disk space, retry when freed: no space left on the device writing ")
+    assert where in last and "GiB free there" in last and "Traceback" not in done.stderr
+    assert not (ws / f"metrics/{stage}.json").exists()  # outputs and metrics still agree

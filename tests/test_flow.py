@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
@@ -19,7 +20,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
 from flows.workspace import RUNS, experiment_ref, git
-from stack_dpo.params import ParamsError, deep_merge
+from stack_dpo.params import InvalidInput, ParamsError, deep_merge
 from tests.conftest import DEFAULT_PARAMS, FAST, make_clone, stage_processes, subprocess_env
 
 
@@ -49,9 +50,12 @@ def test_stage_order_and_gpu_marks_come_from_dvc_yaml(tmp_path):
     assert len(names) == 10 and names.index("summary") > names.index("evaluate")
 
 
-def test_invalid_overrides_fail_before_any_stage(harness, tmp_path):
+def test_invalid_overrides_fail_before_any_stage(harness, tmp_path, monkeypatch):
     repo = make_clone(tmp_path)
     before = (repo / "params.yaml").read_text()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU hosts too
+    with pytest.raises(InvalidInput, match="model.quantization = '4bit' needs CUDA"):
+        pipeline(profile="profiles/llama2-7b.yaml", workdir=str(repo))
     with pytest.raises(ParamsError, match=r"dpo\.beta = -1: Input should be greater than 0"):
         pipeline(overrides={"dpo": {"beta": -1}}, workdir=str(repo))
     with pytest.raises(ValueError, match="experiment name 'a b' is not valid"):

@@ -1,11 +1,13 @@
+import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from stack_dpo.params import ParamsError, deep_merge, load_params, profile_set_args, validate
-from tests.conftest import DEFAULT_PARAMS, REPO, subprocess_env
+from stack_dpo.params import InvalidInput, ParamsError, deep_merge, load_params, profile_set_args, validate
+from stages import prepare
+from tests.conftest import DEFAULT_PARAMS, REPO, inside, make_clone, subprocess_env
 
 
 def test_default_params_are_valid():
@@ -96,3 +98,46 @@ def test_an_infinite_beta_in_params_yaml_stops_the_stage_before_any_work(workspa
                             capture_output=True, text=True)
     assert result.returncode == 2 and "dpo.beta = inf: Input should be a finite number" in result.stderr
     assert not (workspace / "data" / "raw").exists()
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(workspace):
+    path = workspace / "params.yaml"
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("beta: 0.1"))
+    lines.insert(at + 1, lines[at].replace("0.1", "0.5"))  # the same key again in the dpo section
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ParamsError, match=rf"params.yaml: the key 'beta' is written twice, on lines {at + 1} and "
+                                          rf"{at + 2}; keep one"):
+        load_params(path)
+
+
+def test_params_that_are_not_utf8_get_a_clear_error(workspace):
+    path = workspace / "params.yaml"
+    text = path.read_bytes()
+    path.write_bytes(text + b"# caf\xe9\n")  # a comment saved as latin-1
+    line = len(text.splitlines()) + 1
+    result = subprocess.run([sys.executable, "-m", "stages.fetch"], cwd=workspace, env=subprocess_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and f"params.yaml: not UTF-8 text (byte b'\\xe9' on line {line})" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_more_prepare_processes_than_cores_are_refused_before_any_work(workspace):
+    cores = len(os.sched_getaffinity(0))
+    with inside(workspace) as params:
+        too_many = params.model_copy(update={"prepare": params.prepare.model_copy(update={"num_proc": cores + 1})})
+        with pytest.raises(InvalidInput, match=rf"prepare.num_proc = {cores + 1}: this machine has {cores} "
+                                                         "cores"):
+            prepare.run(too_many)
+    assert not (workspace / "data/processed").exists() and not (workspace / "metrics/prepare.json").exists()
+
+
+def test_the_full_profile_on_a_machine_without_cuda_fails_before_touching_the_workspace(tmp_path):
+    repo = make_clone(tmp_path / "repo")
+    before = (repo / "params.yaml").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "stack_dpo.params", "--profile", "profiles/llama2-7b.yaml",
+                             "--run-exp", "llama2-7b"], cwd=repo, capture_output=True, text=True,
+                            env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=60)
+    assert result.returncode == 1 and "model.quantization = '4bit' needs CUDA" in result.stderr
+    assert (repo / "params.yaml").read_bytes() == before and not (repo / "data/raw").exists()
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""

@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import ModelCard, snapshot_download
 from transformers import AutoModelForCausalLM
 
+from stack_dpo.faults import TRANSIENT_EXIT
 from stages import merge
 from tests.conftest import inside, subprocess_env
 from tests.hub_server import FakeHub
@@ -48,9 +49,9 @@ def set_params(ws, changes):
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def push(ws, hub_url, token=TOKEN):
+def push(ws, hub_url, token=TOKEN, **extra_env):
     env = {k: v for k, v in subprocess_env().items() if not k.startswith("HF_")}
-    env.update({"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(ws / ".hf-home")})
+    env.update({"HF_ENDPOINT": hub_url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(ws / ".hf-home"), **extra_env})
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "stages.push"], cwd=ws, env=env, capture_output=True, text=True)
@@ -148,13 +149,16 @@ def test_refused_push_fails_clearly_before_any_upload(pushable, hub, token, repo
     assert hub.repos == {}
 
 
-def test_unreachable_endpoint_fails_clearly(pushable):
+def test_an_unreachable_hub_is_retried_then_reported_as_transient(pushable):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    done = push(pushable, closed)
-    assert done.returncode == 1
-    assert f"the Hub at {closed} is unreachable" in done.stderr
+    done = push(pushable, closed, STACK_DPO_RETRY_DELAYS_S="0.1,0.2")
+    assert done.returncode == TRANSIENT_EXIT  # not invalid input (2): the flow retries it
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("stack-dpo: transient failure, retry later: push: Unreachable: the Hub at "
+                           f"{closed} is unreachable") and last.endswith("(after 3 attempts)")
+    assert done.stderr.count("retrying in") == 2 and "Traceback" not in done.stderr
 
 
 def test_token_is_written_nowhere(pushable, hub):
@@ -169,15 +173,18 @@ def test_token_is_written_nowhere(pushable, hub):
             assert blob.content is None or TOKEN.encode() not in blob.content
 
 
-@pytest.mark.parametrize("response, expected", [
-    (None, "failed without a response"),  # no AttributeError on a missing response
-    (503, "answered 503"),
+@pytest.mark.parametrize("response, expected, is_transient", [
+    (None, "failed without a response", False),  # no AttributeError on a missing response; the flow retries it
+    (503, "answered 503", True),  # the stage itself retries it first
+    (429, "answered 429", True),
+    (403, "answered 403", False),
 ])
-def test_a_hub_error_other_than_401_is_reported_as_retryable(response, expected):
+def test_a_hub_error_other_than_401_is_not_invalid_input(response, expected, is_transient):
     import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from stack_dpo.faults import transient
     from stack_dpo.push import PushError, check_access
 
     class FailingHub(HfApi):
@@ -187,6 +194,7 @@ def test_a_hub_error_other_than_401_is_reported_as_retryable(response, expected)
             error.response = None if response is None else answer  # the attribute is Optional in the library
             raise error
 
-    with pytest.raises(RuntimeError, match=expected) as raised:
+    with pytest.raises((RuntimeError, ConnectionError), match=expected) as raised:
         check_access(FailingHub(endpoint="http://127.0.0.1:9"), "alice/tiny-dpo")
     assert not isinstance(raised.value, PushError)  # not invalid input: the flow retries it
+    assert transient(raised.value) is is_transient
