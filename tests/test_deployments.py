@@ -127,7 +127,7 @@ def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     workspace = repo / RUNS / "deployed-quick"
     assert (workspace / "models/merged/model.safetensors").is_file()
     assert json.loads((workspace / "metrics/evaluate.json").read_text())["n_pairs"] == 64
-    assert git(repo, "status", "--porcelain") == "" and not (repo / "models").exists()
+    assert git(repo, "status", "--porcelain") == "" and not (repo / "models/merged").exists()
     logs = "\n".join(run_logs(run.id))
     for stage in ("fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"):
         assert f"Running stage '{stage}'" in logs  # each stage's own output, streamed into the run log
