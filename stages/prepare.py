@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from stack_dpo.dataset import SPLITS
 from stack_dpo.entrypoint import main
 from stack_dpo.outputs import atomic_dir, write_json_atomic
 from stack_dpo.params import Params
@@ -31,6 +32,7 @@ from stack_dpo.prepare import (
     prepare_dpo,
     prepare_sft,
     raw_batches,
+    raw_shards,
     sample_pairs,
     tokenizer_and_max_chars,
 )
@@ -40,7 +42,9 @@ log = logging.getLogger("stages.prepare")
 
 def run(params: Params) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # prepare.num_proc is the one knob for cores
-    num_workers(params)  # checked before any work
+    num_workers(params)  # checked before any work, as is every raw shard's schema:
+    for split in SPLITS:
+        list(raw_shards(split))
     # loaded once: the workers forked later inherit it (and its max_token_chars)
     tokenizer, _ = tokenizer_and_max_chars(params.model.name_or_path)
     check_tokenization(tokenizer, *sample_pairs(TOKENIZATION_SAMPLE))

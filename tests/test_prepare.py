@@ -131,13 +131,14 @@ def test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit(tm
         assert prompt_alone > limit_prompt or lengths(row)[1] > limit
 
 
-def test_missing_column_names_the_file(tmp_path):
+def test_missing_column_names_the_file(tmp_path, monkeypatch):
     ws = make_workspace(tmp_path)
     with inside(ws) as params:
         fetch.run(params)
     shard = ws / "data/raw/rl/part-00000.parquet"
     pq.write_table(pq.read_table(shard).drop_columns(["response_j"]), shard)
     expected = r"rl/part-00000.parquet: missing columns \['response_j'\]"
+    monkeypatch.setattr(prepare, "prepare_sft", lambda *args: pytest.fail("SFT work began before the checks"))
     with inside(ws) as params, pytest.raises(ValueError, match=expected):
         prepare.run(params)
     assert not (ws / "data/processed").exists()  # refused before any output was started
