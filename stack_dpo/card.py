@@ -27,7 +27,7 @@ TEMPLATE = """---
 
 {{ base_model_name }} aligned with human preferences by the stack-dpo pipeline, which follows TRL's
 "DPO with Llama 2" recipe: supervised fine-tuning of a LoRA adapter on the `finetune` split of
-{{ dataset }}, Direct Preference Optimization (beta = {{ beta }}) on its `rl` split with the SFT
+{{ dataset }}, Direct Preference Optimization (beta = {{ beta }}, loss {{ loss }}) on its `rl` split with the SFT
 model as the reference, and both adapters merged into the 16-bit base.
 
 {{ body }}
@@ -67,6 +67,8 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "", for_
     return ModelCard.from_template(
         data, template_str=TEMPLATE, model_name=name, base_model_name=params.model.name_or_path,
         dataset=DATASET, beta=params.dpo.beta, body=body,
+        loss=" + ".join(f"{w:g} x {name}" if params.dpo.loss_weights else name for name, w in
+                        zip(params.dpo.loss_type, params.dpo.loss_weights or [1.0] * len(params.dpo.loss_type))),
     )
 
 

@@ -13,6 +13,7 @@ names it (and tests/test_compat.py fails), instead of silently taking another co
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import transformers
@@ -49,6 +50,12 @@ class StoredReferenceDPOTrainer(DPOTrainer):
         if set(REFERENCE_COLUMNS) <= set(dataset.column_names):
             return dataset
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+def trl_loss_types() -> list[str]:
+    """The DPO loss types the installed TRL computes, read from DPOTrainer._compute_loss (TRL
+    keeps no list of them); tests/test_compat.py fails if none are found."""
+    return sorted(set(re.findall(r'loss_type == "(\w+)"', inspect.getsource(DPOTrainer._compute_loss))))
 
 
 def load_checkpoint_weights(trainer: Trainer, checkpoint: Path) -> None:

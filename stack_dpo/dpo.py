@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import trl
 from transformers.integrations import DVCLiveCallback
 from trl import DPOConfig
 
 from stack_dpo import training
-from stack_dpo.compat import StoredReferenceDPOTrainer
+from stack_dpo.compat import StoredReferenceDPOTrainer, trl_loss_types
 from stack_dpo.modeling import load_adapter_model, load_tokenizer
 from stack_dpo.pairs import load_pairs, with_stored_reference
 from stack_dpo.params import InvalidInput, Params
@@ -42,6 +43,8 @@ def build_trainer(params: Params, config: DPOConfig, checkpoint: Path | None, wi
 def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
     return DPOConfig(
         beta=params.dpo.beta,
+        loss_type=list(params.dpo.loss_type),
+        loss_weights=params.dpo.loss_weights,
         max_length=params.prepare.max_length,  # prepare dropped longer pairs, so nothing is truncated
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=params.reference.batch_size,
@@ -49,10 +52,19 @@ def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
     )
 
 
+def check_loss_types(params: Params) -> None:
+    """dpo.loss_type names losses the installed TRL computes; checked before any work."""
+    known = trl_loss_types()
+    unknown = [name for name in params.dpo.loss_type if name not in known]
+    if unknown:
+        raise InvalidInput(f"dpo.loss_type: {unknown} are not DPO losses of the installed TRL {trl.__version__}; "
+                           f"expected some of {known}")
+
+
 def check_policy_equals_reference(trainer) -> dict:
-    """Before the first step of a fresh run the policy is the SFT model, so on any pairs the DPO
-    loss is ln 2 and the rewards are 0. Anything else means the stored reference is not the SFT
-    model's or does not belong to these rows: stop before training on it."""
+    """Before the first step of a fresh run the policy is the SFT model, so on any pairs the
+    rewards are 0 (and the recipe's sigmoid loss is ln 2). Anything else means the stored
+    reference is not the SFT model's or does not belong to these rows: stop before training on it."""
     live = trainer.pop_callback(DVCLiveCallback)  # a check, not a point of the training curves
     pairs = trainer.eval_dataset.select(range(min(GUARD_PAIRS, len(trainer.eval_dataset))))
     trainer.evaluate(eval_dataset=pairs)
@@ -60,7 +72,8 @@ def check_policy_equals_reference(trainer) -> dict:
     if live is not None:
         trainer.add_callback(live)
     guard = {key: found[f"eval_{key}"] for key in ("loss", "rewards/chosen", "rewards/rejected")}
-    if (abs(guard["loss"] - math.log(2)) > GUARD_TOLERANCE
+    sigmoid = trainer.args.loss_type == ["sigmoid"]  # other losses start elsewhere (hinge at 1, ipo at 1/(4 beta^2))
+    if (sigmoid and abs(guard["loss"] - math.log(2)) > GUARD_TOLERANCE
             or max(abs(guard["rewards/chosen"]), abs(guard["rewards/rejected"])) > GUARD_TOLERANCE):
         raise InvalidInput(
             f"dpo: before training, where the policy is the SFT model, the loss on {len(pairs)} eval pairs is "

@@ -8,6 +8,7 @@ stage whose params ask for more than one process re-runs itself under `accelerat
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -42,7 +43,18 @@ def accelerate_command(module: str, launch: LaunchParams) -> list[str]:
     return [*command, "-m", module]
 
 
+def parse_args() -> None:
+    """`python -m stages.<name> --help` prints the stage's docstring and exits; the stage takes
+    no arguments (params.yaml holds its settings), so any other argument is an error."""
+    stage = sys.modules["__main__"]
+    module = stage.__spec__.name if stage.__spec__ else "stages.<name>"
+    argparse.ArgumentParser(prog=f"python -m {module}", description=stage.__doc__,
+                            epilog="Settings come from params.yaml; `stack-dpo check` validates them.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
 def main(run: Callable[[Params], object], distributed: bool = False) -> None:
+    parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         params = load_params()  # params are validated before any work: nothing is read or written

@@ -41,12 +41,15 @@ def baselines(pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[str]:
+    """Each prompt's answer, greedy unless `sampling` (do_sample=True, temperature, top_p) says otherwise."""
     out = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        # max_length, not max_new_tokens: the model's generation config sets max_length already,
+        # and transformers warns when both are given
+        ids = model.generate(**inputs, max_length=inputs["input_ids"].shape[1] + max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **({"do_sample": False} | sampling))
         out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
 

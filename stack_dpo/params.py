@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = "params.yaml"
 
@@ -103,7 +112,23 @@ class SftParams(Section):
 
 class DpoParams(Section):
     beta: float = Field(gt=0)
+    # TRL's DPO losses (sigmoid is the recipe's); several are combined with loss_weights. The
+    # dpo stage checks the names against the installed TRL.
+    loss_type: list[str] = Field(["sigmoid"], min_length=1)
+    loss_weights: list[float] | None = None
     train: TrainingParams
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _a_weight_per_loss(self):
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss types "
+                             f"{self.loss_type}; expected one weight per loss type")
+        return self
 
 
 class ReferenceParams(Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stack_dpo import training
-from stack_dpo.dpo import build_trainer, check_policy_equals_reference, dpo_config
+from stack_dpo.dpo import build_trainer, check_loss_types, check_policy_equals_reference, dpo_config
 from stack_dpo.entrypoint import main
 from stack_dpo.modeling import preflight
 from stack_dpo.params import Params
@@ -21,6 +21,7 @@ from stack_dpo.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFEREN
 
 def run(params: Params) -> dict:
     preflight(params.model)  # a refused run leaves the checkpoints as they were
+    check_loss_types(params)
     inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
         "dpo", {"model": params.model, "dpo": params.dpo, "launch": params.launch,
                 "prepare.max_length": params.prepare.max_length},

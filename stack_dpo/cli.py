@@ -1,0 +1,155 @@
+"""`stack-dpo`: try the trained model, check a setup, compare experiments.
+
+    stack-dpo generate "How do I reverse a list in Python?"      # models/merged, greedy
+    stack-dpo generate --model you/stack-dpo-tiny --sample "..."  # a Hub repo, sampling
+    stack-dpo check [--profile profiles/llama2-7b.yaml]           # params, machine, model, tokenizer, LoRA
+    stack-dpo show                                                 # the experiments, one line each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stack_dpo.params import PARAMS_FILE, InvalidInput
+from stack_dpo.paths import MERGED
+
+# (column, where dvc exp show keeps it): params.yaml keys and metrics/evaluate.json keys
+SHOW_COLUMNS = [
+    ("beta", "params", "dpo.beta"),
+    ("loss", "params", "dpo.loss_type"),
+    ("sft lr", "params", "sft.train.learning_rate"),
+    ("dpo lr", "params", "dpo.train.learning_rate"),
+    ("sft steps", "params", "sft.train.max_steps"),
+    ("dpo steps", "params", "dpo.train.max_steps"),
+    ("accuracy", "metrics", "rewards/accuracies"),
+    ("95% CI", "metrics", ("rewards/accuracies_ci95_low", "rewards/accuracies_ci95_high")),
+    ("length", "metrics", "baseline/length_accuracy"),
+    ("code", "metrics", "baseline/code_block_accuracy"),
+    ("sft", "metrics", "baseline/sft_accuracy"),
+    ("margins", "metrics", "rewards/margins"),
+]
+
+
+def generate(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from stack_dpo.dataset import format_prompt
+    from stack_dpo.evaluate import generate as answer
+    from stack_dpo.modeling import load_tokenizer
+
+    transformers_logging.disable_progress_bar()
+    question = sys.stdin.read() if args.question == "-" else args.question
+    tokenizer = load_tokenizer(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto",
+                                                 device_map="auto" if torch.cuda.is_available() else None)
+    model.eval()
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    print(answer(model, tokenizer, [format_prompt(question)], args.max_new_tokens, **sampling)[0].strip())
+
+
+def check(args: argparse.Namespace) -> None:
+    from stack_dpo.dpo import check_loss_types
+    from stack_dpo.modeling import preflight
+    from stack_dpo.params import check_machine, load_params, profile_params
+
+    params = profile_params(args.profile, Path(args.params)) if args.profile else load_params(args.params)
+    source = f"{args.params} + {args.profile}" if args.profile else args.params
+    print(f"{source}: valid")
+    check_machine(params)
+    preflight(params.model, params.sft.lora)
+    check_loss_types(params)
+    print(f"model {params.model.name_or_path}: found; its tokenizer has EOS; LoRA targets "
+          f"{list(params.sft.lora.target_modules)} found; quantization {params.model.quantization} possible here; "
+          f"dpo.loss_type {list(params.dpo.loss_type)} known to TRL")
+
+
+def _value(data: dict, kind: str, key):
+    if isinstance(key, tuple):
+        low, high = (_value(data, kind, k) for k in key)
+        return f"{low}-{high}" if low != "" else ""
+    if kind == "params":
+        node = data.get("params", {}).get(PARAMS_FILE, {}).get("data", {})
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        value = node if node != {} else ""
+    else:
+        value = data.get("metrics", {}).get("metrics/evaluate.json", {}).get("data", {}).get(key, "")
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def experiment_rows(shown: list[dict]) -> list[list[str]]:
+    """One row per experiment (and the workspace) of `dvc exp show --json`."""
+    rows = []
+    for entry in shown:
+        revisions = [("workspace" if entry["rev"] == "workspace" else entry["rev"][:7], entry.get("data") or {})]
+        revisions += [(rev.get("name") or rev["rev"][:7], rev.get("data") or {})
+                      for exp in entry.get("experiments") or [] for rev in exp["revs"]]
+        for name, data in revisions:
+            rows.append([name, *(_value(data, kind, key) for _, kind, key in SHOW_COLUMNS)])
+    return rows
+
+
+def show(args: argparse.Namespace) -> None:
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", *(["-A"] if args.all else [])],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"dvc exp show failed: {done.stderr.strip()}")
+    header = ["experiment", *(name for name, _, _ in SHOW_COLUMNS)]
+    rows = [header, *experiment_rows(json.loads(done.stdout or "[]"))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("\naccuracy: the final model's held-out preference accuracy against the SFT model; length, code, sft:\n"
+          "the baselines it must beat (the longer answer, the answer with code, the SFT model's own preference)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="stack-dpo", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="answer a question in the recipe's prompt format",
+                              description="Answer a question with a trained model, in the recipe's prompt format "
+                                          "(`Question: ...\\n\\nAnswer: `).")
+    gen.add_argument("question", help="the question; - reads it from stdin")
+    gen.add_argument("--model", default=str(MERGED), help="a model folder or Hub repo id (default: %(default)s)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7, help="with --sample (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="with --sample (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="with --sample (default: %(default)s)")
+    gen.set_defaults(run=generate)
+    chk = commands.add_parser("check", help="validate params and run the stages' preflight",
+                              description="Validate params.yaml (with a profile laid over it) and check what the "
+                                          "stages will need: the machine (CUDA for 4-bit), the model, its tokenizer "
+                                          "and the LoRA targets. Nothing is written.")
+    chk.add_argument("--params", default=PARAMS_FILE, help="default: %(default)s")
+    chk.add_argument("--profile", type=Path, help="a profile laid over the params, e.g. profiles/llama2-7b.yaml")
+    chk.set_defaults(run=check)
+    shw = commands.add_parser("show", help="the experiments, one line each",
+                              description="A compact `dvc exp show`: each experiment's beta, loss, learning rates "
+                                          "and steps, its held-out accuracy with the baselines it must beat, and "
+                                          "its margins.")
+    shw.add_argument("-A", "--all", action="store_true", help="experiments of every commit, not only HEAD's")
+    shw.set_defaults(run=show)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except InvalidInput as exc:
+        raise SystemExit(f"stack-dpo {args.command}: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The `stack-dpo` command (generate, check, show) and `--help` of every stage entry point."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stack_dpo.params import validate
+from tests.conftest import DEFAULT_PARAMS, REPO, make_clone, subprocess_env
+
+STACK_DPO = str(Path(sys.executable).parent / "stack-dpo")  # the installed console script
+STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([STACK_DPO, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["check"], ["show"]])
+def test_every_command_has_help(tmp_path, command):
+    done = cli(tmp_path, *command, "--help")
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: stack-dpo {' '.join(command)}".rstrip()), done
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help_prints_usage_and_runs_nothing(tmp_path, stage):
+    done = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m stages.{stage} [-h]"), done.stderr
+    assert f"{stage}:" in done.stdout and "params.yaml" in done.stdout  # its docstring, and where settings live
+    assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
+
+
+def test_generate_answers_as_evaluate_did_in_the_recipes_prompt_format(trained):
+    """The report's first sample: the final model's greedy answer to a held-out prompt."""
+    report = (trained / "reports/evaluate.md").read_text()
+    prompt = report.split("**Prompt**\n\n````text\n", 1)[1].split("\n````", 1)[0]
+    expected = report.split("**final model (greedy)**\n\n````text\n", 1)[1].split("\n````", 1)[0]
+    question = prompt.removeprefix("Question: ").removesuffix("\n\nAnswer:")
+    max_new_tokens = yaml.safe_load((trained / "params.yaml").read_text())["evaluate"]["max_new_tokens"]
+    done = cli(trained, "generate", "--max-new-tokens", str(max_new_tokens), question)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected.strip()
+    sampled = [cli(trained, "generate", "--max-new-tokens", "16", "--sample", "--seed", str(seed), question).stdout
+               for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling
+
+
+def test_check_runs_the_preflight_and_names_what_is_wrong(tmp_path):
+    repo = make_clone(tmp_path / "repo")
+    done = cli(repo, "check")
+    assert done.returncode == 0 and "params.yaml: valid" in done.stdout, done.stderr
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"]["lora"]["target_modules"] = ["q_proj", "v_prj"]
+    params["dpo"]["loss_type"] = "ipo"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    done = cli(repo, "check")
+    assert done.returncode == 1 and "sft.lora.target_modules: ['v_prj'] name no module" in done.stderr
+    params["sft"]["lora"]["target_modules"] = ["q_proj"]
+    params["dpo"]["loss_type"] = ["sigmoid", "dpop"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    done = cli(repo, "check")
+    assert done.returncode == 1 and "dpo.loss_type: ['dpop'] are not DPO losses of the installed TRL" in done.stderr
+    assert "ipo" in done.stderr and "hinge" in done.stderr  # what it may be instead
+
+
+def test_show_lists_each_experiment_with_its_params_accuracy_and_baselines(tmp_path):
+    repo = make_clone(tmp_path / "repo")
+    # a pipeline of only the metrics `show` reads, so that saving an experiment needs no outputs
+    (repo / "dvc.lock").unlink()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
+        "cmd": "true", "params": ["dpo.beta"], "metrics": [{"metrics/evaluate.json": {"cache": False}}]}}}))
+    for name, beta, accuracy in (("low-beta", 0.05, 0.61), ("high-beta", 0.4, 0.83)):
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["dpo"]["beta"] = beta
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+        (repo / "metrics/evaluate.json").write_text(json.dumps({**metrics, "rewards/accuracies": accuracy}))
+        saved = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "--name", name], cwd=repo,
+                               env=subprocess_env(), capture_output=True, text=True)
+        assert saved.returncode == 0, saved.stderr
+    done = cli(repo, "show")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.split("\n\n")[0].splitlines()
+    assert header.split()[:4] == ["experiment", "beta", "loss", "sft"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    assert by_name["low-beta"][1:3] == ["0.05", "sigmoid"] and "0.61" in by_name["low-beta"]
+    assert by_name["high-beta"][1:3] == ["0.4", "sigmoid"] and "0.83" in by_name["high-beta"]
+    baseline = json.loads((REPO / "metrics/evaluate.json").read_text())["baseline/length_accuracy"]
+    assert f"{baseline:.3g}" in by_name["high-beta"]
+
+
+def test_loss_type_takes_one_or_several_with_a_weight_each():
+    base = DEFAULT_PARAMS
+    one = validate({**base, "dpo": {**base["dpo"], "loss_type": "ipo"}})
+    assert one.dpo.loss_type == ["ipo"]
+    mixed = validate({**base, "dpo": {**base["dpo"], "loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]}})
+    assert mixed.dpo.loss_weights == [0.8, 0.2]
+    with pytest.raises(ValueError, match="loss_weights has 1 weights for 2 loss types"):
+        validate({**base, "dpo": {**base["dpo"], "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}})
+
+
+def test_a_dpo_run_with_another_loss_trains_it_and_the_card_names_it(trained, tmp_path):
+    from stages import dpo, merge
+    from tests.conftest import inside
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    with inside(ws) as params:
+        ipo = params.model_copy(update={"dpo": params.dpo.model_copy(update={"loss_type": ["ipo"]})})
+        metrics = dpo.run(ipo)
+        merge.run(ipo)
+    beta = params.dpo.beta
+    # IPO's loss at the start, where the rewards are 0: (0 - 1/(2 beta))^2; the recipe's would be ln 2
+    assert metrics["start_check"]["loss"] == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-3)
+    assert "loss ipo" in (ws / "models/merged/README.md").read_text()
