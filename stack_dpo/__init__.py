@@ -4,7 +4,8 @@
   schema and the prompt template), outputs (crash-safe writers), entrypoint (how a stage starts);
 - hub, modeling (model and tokenizer loading, LoRA, log-probs), compat (the private TRL and
   transformers methods relied on, wrapped once), training (trainer setup, checkpoints, resume),
-  pairs (DPO pairs and their stored reference log-probs), card (the model card);
+  pairs (DPO pairs and their stored reference log-probs), card (the model card), faults (failure
+  classes and exit codes), cli (the `stack-dpo` command);
 - one module per stage for the work only that stage does (fetch, prepare, dpo, merge,
   evaluate, push, sources).
 
