@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PYTHON) -m stack_dpo.plots
 	touch $(STAMP)
 
 run: $(STAMP)  ## the whole pipeline on the default (tiny CPU) profile
