@@ -54,13 +54,50 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampli
     return out
 
 
-def report(metrics: dict, samples: list[dict]) -> str:
-    lines = ["# Evaluation", "", "Final model (models/merged) against the SFT model as reference, on the held-out",
-             "evaluation split, with the baselines the accuracy must beat.", "", "| metric | value |",
-             "| --- | --- |"]
-    lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items()]
+def distinct_samples(pairs, n: int) -> list[dict]:
+    """The first pair of each of the first `n` distinct prompts (a question has up to three pairs)."""
+    samples, seen = [], set()
+    for row in pairs:
+        if len(samples) == n:
+            break
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            samples.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
+    return samples
+
+
+BASELINES = [("baseline/length_accuracy", "the longer answer wins"),
+             ("baseline/code_block_accuracy", "the answer with a code block wins"),
+             ("baseline/sft_accuracy", "the SFT model's own preference (log-prob)")]
+
+
+def table_cell(text: str) -> str:
+    """Text for one cell of a markdown table."""
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
+
+
+def report(metrics: dict, samples: list[dict], beta: float, max_new_tokens: int) -> str:
+    """reports/evaluate.md: the accuracy beside its baselines, then held-out questions with their
+    chosen and rejected answers and the two models' generations side by side."""
+    accuracy = metrics["rewards/accuracies"]
+    beaten = [name for key, name in BASELINES if not accuracy > metrics[key]]
+    lines = ["# Evaluation", "",
+             f"The final model (models/merged) against the SFT model as the reference, on {metrics['n_pairs']} "
+             "held-out pairs (the evaluation split). An answer's reward is beta x (log-prob under the final model - "
+             f"log-prob under the SFT model), beta = {beta}; the accuracy is how often the chosen answer's reward "
+             "beats the rejected one's. It means something only beside the baselines below, which need no training.",
+             "", "| | accuracy |", "| --- | --- |",
+             f"| **final model against the SFT model** | **{accuracy:.3f}** (95% interval "
+             f"{metrics['rewards/accuracies_ci95_low']:.3f}-{metrics['rewards/accuracies_ci95_high']:.3f}) |"]
+    lines += [f"| baseline: {name} | {metrics[key]:.3f} |" for key, name in BASELINES]
+    lines += ["", ("It beats every baseline." if not beaten else f"It does **not** beat: {', '.join(beaten)}."),
+              f"Mean reward margin (chosen - rejected): {metrics['rewards/margins']:.3f}; mean rewards: chosen "
+              f"{metrics['rewards/chosen']:.3f}, rejected {metrics['rewards/rejected']:.3f}."]
     for i, sample in enumerate(samples, 1):
-        lines += ["", f"## Sample {i}", "", "**Prompt**", "", "````text", sample["prompt"].strip(), "````"]
-        for name in ("sft", "final"):
-            lines += ["", f"**{name} model (greedy)**", "", "````text", sample[name].strip(), "````"]
+        lines += ["", f"## Question {i}", "", "````text", sample["prompt"].strip(), "````", "",
+                  "**Chosen answer** (preferred in the data)", "", "````text", sample["chosen"].strip(), "````", "",
+                  "**Rejected answer**", "", "````text", sample["rejected"].strip(), "````", "",
+                  f"**Generations** (greedy, at most {max_new_tokens} new tokens)", "",
+                  "| SFT model | final model |", "| --- | --- |",
+                  f"| {table_cell(sample['sft'])} | {table_cell(sample['final'])} |"]
     return "\n".join(lines) + "\n"

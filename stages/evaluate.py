@@ -24,7 +24,7 @@ import logging
 from transformers import AutoModelForCausalLM
 
 from stack_dpo.entrypoint import main
-from stack_dpo.evaluate import baselines, generate, report, wilson_interval
+from stack_dpo.evaluate import baselines, distinct_samples, generate, report, wilson_interval
 from stack_dpo.modeling import DTYPES, cast_weights, device_map, load_tokenizer, merged_model, pair_logps
 from stack_dpo.outputs import load_splits, write_json_atomic, write_text_atomic
 from stack_dpo.params import Params
@@ -37,7 +37,8 @@ def run(params: Params) -> dict:
     pairs = load_splits(DPO_DATA)["eval"]
     if params.evaluate.max_pairs:
         pairs = pairs.select(range(min(params.evaluate.max_pairs, len(pairs))))
-    prompts = pairs["prompt"][: params.evaluate.generations]
+    samples = distinct_samples(pairs, params.evaluate.generations)
+    prompts = [sample["prompt"] for sample in samples]
     batch = params.evaluate.batch_size
     tokenizer = load_tokenizer(MERGED)
 
@@ -67,8 +68,9 @@ def run(params: Params) -> dict:
         **baselines(pairs, ref_chosen, ref_rejected),
         "n_pairs": len(pairs),
     }
-    samples = [{"prompt": p, "sft": s, "final": f} for p, s, f in zip(prompts, sft_texts, final_texts)]
-    write_text_atomic(EVAL_REPORT, report(metrics, samples))
+    for sample, sft_text, final_text in zip(samples, sft_texts, final_texts):
+        sample.update(sft=sft_text, final=final_text)
+    write_text_atomic(EVAL_REPORT, report(metrics, samples, params.dpo.beta, params.evaluate.max_new_tokens))
     write_json_atomic(METRICS / "evaluate.json", metrics)
     log.info("%s", metrics)
     return metrics

@@ -38,14 +38,16 @@ def test_stage_help_prints_usage_and_runs_nothing(tmp_path, stage):
 
 def test_generate_answers_as_evaluate_did_in_the_recipes_prompt_format(trained):
     """The report's first sample: the final model's greedy answer to a held-out prompt."""
+    from stack_dpo.evaluate import table_cell
+
     report = (trained / "reports/evaluate.md").read_text()
-    prompt = report.split("**Prompt**\n\n````text\n", 1)[1].split("\n````", 1)[0]
-    expected = report.split("**final model (greedy)**\n\n````text\n", 1)[1].split("\n````", 1)[0]
+    prompt = report.split("## Question 1\n\n````text\n", 1)[1].split("\n````", 1)[0]
+    generations = report.split("| SFT model | final model |\n| --- | --- |\n", 1)[1].split("\n", 1)[0]
     question = prompt.removeprefix("Question: ").removesuffix("\n\nAnswer:")
     max_new_tokens = yaml.safe_load((trained / "params.yaml").read_text())["evaluate"]["max_new_tokens"]
     done = cli(trained, "generate", "--max-new-tokens", str(max_new_tokens), question)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == expected.strip()
+    assert generations.endswith(f" | {table_cell(done.stdout)} |")
     sampled = [cli(trained, "generate", "--max-new-tokens", "16", "--sample", "--seed", str(seed), question).stdout
                for seed in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling

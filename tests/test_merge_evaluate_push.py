@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -52,7 +53,33 @@ def test_evaluate_metrics_agree_with_the_dpo_trainer(trained):
     assert metrics["rewards/margins"] == pytest.approx(trainer_eval["rewards/margins"], rel=0.05, abs=2e-3)
     assert abs(metrics["rewards/accuracies"] - trainer_eval["rewards/accuracies"]) <= 0.05
     report = (trained / "reports/evaluate.md").read_text()
-    assert "rewards/accuracies" in report and "## Sample 1" in report and "final model (greedy)" in report
+    assert f"**{metrics['rewards/accuracies']:.3f}** (95% interval" in report
+    assert f"| baseline: the longer answer wins | {metrics['baseline/length_accuracy']:.3f} |" in report
+
+
+def test_the_report_shows_distinct_questions_with_both_answers_and_both_models_side_by_side(trained, tmp_path):
+    from stack_dpo.outputs import load_splits
+    from stages import evaluate
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    with inside(ws) as params:
+        more = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"generations": 3})})
+        evaluate.run(more)
+        pairs = load_splits("data/processed/dpo")["eval"]
+    report = (ws / "reports/evaluate.md").read_text()
+    sections = report.split("\n## Question ")[1:]
+    assert len(sections) == 3
+    prompts = [section.split("````text\n", 1)[1].split("\n````", 1)[0] for section in sections]
+    assert len(set(prompts)) == 3  # three different questions, not one question's three pairs
+    by_prompt = {}
+    for row in pairs:
+        by_prompt.setdefault(row["prompt"].strip(), row)
+    for prompt, section in zip(prompts, sections):
+        pair = by_prompt[prompt]
+        assert f"**Chosen answer** (preferred in the data)\n\n````text\n{pair['chosen'].strip()}\n````" in section
+        assert f"**Rejected answer**\n\n````text\n{pair['rejected'].strip()}\n````" in section
+        assert "| SFT model | final model |\n| --- | --- |\n| " in section
 
 
 def test_push_disabled_records_why(trained):
