@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from stack_dpo.dataset import format_prompt
+from stack_dpo.hub import HUB_ID
 from stack_dpo.params import Params
 from stack_dpo.paths import DVCLIVE
 
@@ -23,15 +25,46 @@ DATASET = "lvwerra/stack-exchange-paired"
 TEMPLATE = """---
 {{ card_data }}
 ---
+
 # {{ model_name }}
 
-{{ base_model_name }} aligned with human preferences by the stack-dpo pipeline, which follows TRL's
-"DPO with Llama 2" recipe: supervised fine-tuning of a LoRA adapter on the `finetune` split of
-{{ dataset }}, Direct Preference Optimization (beta = {{ beta }}, loss {{ loss }}) on its `rl` split with the SFT
-model as the reference, and both adapters merged into the 16-bit base.
+{{ base_model_description }} aligned with human preferences by the stack-dpo pipeline, which
+follows TRL's "DPO with Llama 2" recipe: supervised fine-tuning of a LoRA adapter on the
+`finetune` split of {{ dataset_description }}, Direct Preference Optimization (beta = {{ beta }},
+loss {{ loss }}) on its `rl` split with the SFT model as the reference, and both adapters merged
+into the 16-bit base.
 
+## Usage
+
+The model answers in the recipe's prompt format, `{{ prompt_format }}`:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ model_id }}")
+model = AutoModelForCausalLM.from_pretrained("{{ model_id }}", dtype="auto")
+prompt = {{ example_prompt }}
+inputs = tokenizer(prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=256, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+(or `stack-dpo generate --model {{ model_id }} "How do I undo the last git commit?"`)
+{{ settings }}
+## Limitations
+
+- It learned which of two Stack Exchange answers people preferred; that is not a check of
+  correctness, and it inherits the base model's and the answers' errors and biases.
+- The held-out accuracy compares it with the SFT model on pairs of the same sites and period;
+  it says nothing about other domains, languages or questions unlike the training data.
+- A preference accuracy means something only beside its baselines (the longer answer, the
+  answer with a code block, the SFT model's own preference), reported with it.
+{{ limitation }}
 {{ body }}
 """
+TINY_MODEL_LIMITATION = ("- The base is the tiny Llama-architecture model bundled with stack-dpo for tests and a "
+                         "CPU run in minutes: its answers are not useful; the pipeline, not the model, is what it "
+                         "shows.")
 # (title, file name, dvclive series) of the training curves shown in the card
 PLOTS = [
     ("SFT loss", "sft_loss.png", [("train", "sft", "loss"), ("eval", "sft", "eval/loss")]),
@@ -43,20 +76,46 @@ PLOTS = [
 ]
 
 
+def on_the_hub(name_or_path: str) -> bool:
+    """A Hub id (not a local folder): what a model card may name as base model or dataset."""
+    return bool(HUB_ID.match(name_or_path)) and not Path(name_or_path).exists()
+
+
+def settings_table(params: Params) -> str:
+    """The training settings that matter, for the pushed card."""
+    lora, sft, dpo = params.sft.lora, params.sft.train, params.dpo.train
+    rows = [("quantization while training", f"{params.model.quantization} ({params.model.dtype} compute)"),
+            ("LoRA", f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, on {', '.join(lora.target_modules)}"),
+            ("SFT", f"{sft.max_steps} steps, learning rate {sft.learning_rate}, batch "
+                    f"{sft.per_device_train_batch_size} x {sft.gradient_accumulation_steps} accumulation, packed "
+                    f"sequences of {params.sft.seq_length} tokens"),
+            ("DPO", f"{dpo.max_steps} steps, beta {params.dpo.beta}, loss {'+'.join(params.dpo.loss_type)}, learning "
+                    f"rate {dpo.learning_rate}, batch {dpo.per_device_train_batch_size} x "
+                    f"{dpo.gradient_accumulation_steps} accumulation"),
+            ("length limits", f"prompt <= {params.prepare.max_prompt_length}, prompt + answer <= "
+                              f"{params.prepare.max_length} tokens (longer pairs dropped, none truncated)")]
+    return "\n## Training settings\n\n| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
 def model_card(params: Params, metrics: dict | None = None, body: str = "", for_hub: bool = False) -> ModelCard:
     """The card; with `metrics` (metrics/evaluate.json) it carries a model-index. The push
-    settings (repo name, license) go in only `for_hub`, so merge does not depend on them."""
+    settings (repo name, license) and the training settings go in only `for_hub`, so merge
+    depends on the params it lists in dvc.yaml only. The base model and the dataset are named
+    as Hub ids only when they are ones (the default's bundled tiny model and sample are not)."""
+    base, source = params.model.name_or_path, params.data.source
+    dataset_id = source if on_the_hub(source) else None
     eval_results = None
     if metrics:
         eval_results = [
-            EvalResult(task_type="text-generation", dataset_type=DATASET, dataset_name="stack-exchange-paired",
+            EvalResult(task_type="text-generation", dataset_type=dataset_id or "stack-dpo/bundled-sample",
+                       dataset_name=(dataset_id or "the bundled sample of " + DATASET).split("/")[-1],
                        dataset_split="evaluation", metric_type=key, metric_name=key, metric_value=metrics[key])
             for key in ("rewards/accuracies", "rewards/margins")
         ]
     name = params.push.repo_id if for_hub else "stack-dpo merged model"
     data = ModelCardData(
-        base_model=params.model.name_or_path,
-        datasets=[DATASET],
+        base_model=base if on_the_hub(base) else None,
+        datasets=[dataset_id] if dataset_id else None,
         tags=["trl", "sft", "dpo", "lora"],
         license=params.push.license if for_hub else None,
         library_name="transformers",
@@ -65,8 +124,15 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "", for_
         eval_results=eval_results,
     )
     return ModelCard.from_template(
-        data, template_str=TEMPLATE, model_name=name, base_model_name=params.model.name_or_path,
-        dataset=DATASET, beta=params.dpo.beta, body=body,
+        data, template_str=TEMPLATE, model_name=name, model_id=params.push.repo_id if for_hub else "models/merged",
+        base_model_description=f"[{base}](https://huggingface.co/{base})" if on_the_hub(base)
+        else f"The tiny Llama-architecture model bundled with stack-dpo (`{base}`, not on the Hub)",
+        dataset_description=f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id
+        else f"the sample of {DATASET} bundled with stack-dpo (`{source}`, same format)",
+        prompt_format=format_prompt("<question>").replace("\n", "\\n"),
+        example_prompt=repr(format_prompt("How do I undo the last git commit?")),
+        beta=params.dpo.beta, body=body, settings=settings_table(params) if for_hub else "",
+        limitation="" if on_the_hub(base) else TINY_MODEL_LIMITATION,
         loss=" + ".join(f"{w:g} x {name}" if params.dpo.loss_weights else name for name, w in
                         zip(params.dpo.loss_type, params.dpo.loss_weights or [1.0] * len(params.dpo.loss_type))),
     )
@@ -117,7 +183,7 @@ def render_plots(out_dir: Path, dvclive_dir: Path = DVCLIVE) -> list[tuple[str, 
             ax.plot([int(r["step"]) for r in rows], [float(r[column]) for r in rows], label=label, marker=".")
             any_series = True
         if any_series:
-            ax.set(title=title, xlabel="logging step")
+            ax.set(title=title, xlabel="step")
             ax.legend()
             fig.tight_layout()
             fig.savefig(out_dir / name, metadata={"Software": None})  # no version stamp: same run, same bytes

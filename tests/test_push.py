@@ -95,13 +95,35 @@ def test_model_card_carries_metrics_and_lineage(pushable, hub, tmp_path):
     local = snapshot_download("alice/tiny-dpo", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache")
     card = ModelCard.load(os.path.join(local, "README.md"))
     metrics = json.loads((pushable / "metrics/evaluate.json").read_text())
-    assert card.data.base_model == "data/sample/tiny-llama"
-    assert card.data.datasets == ["lvwerra/stack-exchange-paired"]
+    # the bundled tiny model and sample are not Hub repos: the card does not claim them as ones
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "tiny Llama-architecture model bundled with stack-dpo (`data/sample/tiny-llama`, not on the Hub)" \
+        in card.text
+    assert "its answers are not useful" in card.text  # the limitation that says so
+    # usage in the recipe's prompt format, the training settings that matter
+    assert 'AutoModelForCausalLM.from_pretrained("alice/tiny-dpo"' in card.text
+    assert "prompt = 'Question: How do I undo the last git commit?\\n\\nAnswer: '" in card.text
+    assert "| DPO | 4 steps, beta 0.1, loss sigmoid" in card.text and "## Limitations" in card.text
     assert {"trl", "sft", "dpo", "lora"} <= set(card.data.tags) and card.data.license == "mit"
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {k: metrics[k] for k in ("rewards/accuracies", "rewards/margins")}
     assert "![DPO reward accuracy](plots/dpo_rewards_accuracies.png)" in card.text
     assert "beta: 0.1" in card.text and "git commit:" in card.text  # the params that produced it
+
+
+def test_the_card_names_the_base_model_and_dataset_when_they_are_hub_repos():
+    from stack_dpo.card import DATASET, model_card
+    from stack_dpo.params import deep_merge, validate
+    from tests.conftest import DEFAULT_PARAMS
+
+    params = validate(deep_merge(DEFAULT_PARAMS, {"model": {"name_or_path": "meta-llama/Llama-2-7b-hf"},
+                                                  "data": {"source": DATASET},
+                                                  "push": {"repo_id": "alice/llama2-7b-dpo"}}))
+    card = model_card(params, {"rewards/accuracies": 0.7, "rewards/margins": 0.5}, for_hub=True)
+    assert card.data.base_model == "meta-llama/Llama-2-7b-hf" and card.data.datasets == [DATASET]
+    assert card.data.eval_results[0].dataset_type == DATASET
+    assert "[meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf)" in card.text
+    assert "its answers are not useful" not in card.text
 
 
 def test_second_push_of_the_same_model_makes_no_commit(pushable, hub):
