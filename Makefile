@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)  ## the whole pipeline on the default (tiny CPU) profile
 	dvc repro
+	stack-dpo summary
 
 test: $(STAMP)  ## every test, the slow end-to-end ones included
 	pytest

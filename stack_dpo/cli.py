@@ -112,6 +112,26 @@ def show(args: argparse.Namespace) -> None:
           "the baselines it must beat (the longer answer, the answer with code, the SFT model's own preference)")
 
 
+def summary(args: argparse.Namespace) -> None:
+    from stack_dpo.evaluate import BASELINES
+    from stack_dpo.paths import EVAL_REPORT, METRICS
+
+    path = METRICS / "evaluate.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: not there yet; run `dvc repro` first")
+    metrics = json.loads(path.read_text())
+    accuracy = metrics["rewards/accuracies"]
+    beaten = [name for key, name in BASELINES if not accuracy > metrics[key]]
+    print(f"held-out preference accuracy {accuracy:.3f} (95% interval {metrics['rewards/accuracies_ci95_low']:.3f}-"
+          f"{metrics['rewards/accuracies_ci95_high']:.3f}, {metrics['n_pairs']} pairs), against the baselines "
+          + ", ".join(f"{name} {metrics[key]:.3f}" for key, name in BASELINES) + ": "
+          + ("beats every one." if not beaten else f"does NOT beat {', '.join(beaten)}."))
+    print(f"the model: {MERGED} (try it: stack-dpo generate \"How do I undo the last git commit?\"); "
+          f"the report: {EVAL_REPORT}; the curves: dvc plots show")
+    print("next: dvc exp run -S dpo.beta=0.3 (a sweep: README, Sweeps), stack-dpo show to compare; "
+          "make exp-full on a GPU for the recipe at 7B scale")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="stack-dpo", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
                                           "its margins.")
     shw.add_argument("-A", "--all", action="store_true", help="experiments of every commit, not only HEAD's")
     shw.set_defaults(run=show)
+    smr = commands.add_parser("summary", help="the run's result in three lines (what `make run` ends with)",
+                              description="The held-out accuracy against its baselines, where the model, report "
+                                          "and curves are, and what to try next.")
+    smr.set_defaults(run=summary)
     return top
 
 

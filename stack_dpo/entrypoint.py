@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from stack_dpo.faults import (
@@ -56,6 +57,8 @@ def parse_args() -> None:
 def main(run: Callable[[Params], object], distributed: bool = False) -> None:
     parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # raised inside TRL and PEFT (model.is_gradient_checkpointing), not by anything stack-dpo calls
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         params = load_params()  # params are validated before any work: nothing is read or written
         launched = "LOCAL_RANK" in os.environ

@@ -80,15 +80,18 @@ def resume_point(folder: Path, inputs_hash: str) -> Path | None:
 def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) -> dict:
     """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments)."""
     on_gpu = torch.cuda.is_available()
+    named = train.model_dump()  # the schema's fields are named as TrainingArguments names them,
+    # but for the recipe's `gradient_checkpointing`, which transformers 5 calls (and warns about as)
+    named["activation_checkpointing"] = named.pop("gradient_checkpointing")
     return dict(
-        **train.model_dump(),  # the schema's fields are named as TrainingArguments names them
+        **named,
         output_dir=str(output_dir),
         eval_strategy="steps",
         save_strategy="steps",
         bf16=on_gpu and (model.dtype == "bfloat16" or model.quantization == "4bit"),
         fp16=on_gpu and model.dtype == "float16",
         report_to="none",  # dvclive is attached below with its folder set per stage
-        disable_tqdm=True,
+        disable_tqdm=False,  # progress bars on stderr
         dataloader_num_workers=0,
         use_cpu=not on_gpu,  # with several processes on CPUs this selects DDP over gloo
         ddp_find_unused_parameters=False,  # every trainable (LoRA) weight is used in each step
