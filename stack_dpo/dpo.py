@@ -48,7 +48,7 @@ def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
         max_length=params.prepare.max_length,  # prepare dropped longer pairs, so nothing is truncated
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=params.reference.batch_size,
-        **training.trainer_kwargs(params.dpo.train, params.model, output_dir),
+        **training.trainer_kwargs(params.dpo.train, params.model, output_dir, params.track.report_to),
     )
 
 

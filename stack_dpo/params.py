@@ -168,6 +168,12 @@ class PushParams(Section):
     allow_unvetted: StrictBool = False
 
 
+class TrackParams(Section):
+    # experiment trackers besides dvclive (always on); off by default, never required. Not a dvc.yaml
+    # dep nor part of the resume fingerprint: where the curves also go does not change the outputs.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+
 class Params(Section):
     data: DataParams
     model: ModelParams
@@ -180,6 +186,7 @@ class Params(Section):
     merge: MergeParams
     evaluate: EvaluateParams
     push: PushParams
+    track: TrackParams = TrackParams()
 
 
 class InvalidInput(ValueError):

@@ -11,6 +11,7 @@ so a new dpo.beta never resumes a run made with the old one.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from transformers.integrations import DVCLiveCallback
 from stack_dpo import layout
 from stack_dpo.compat import load_checkpoint_weights
 from stack_dpo.outputs import atomic_dir, write_json_atomic
-from stack_dpo.params import ModelParams, TrainingParams
+from stack_dpo.params import InvalidInput, ModelParams, TrainingParams
 from stack_dpo.paths import DVCLIVE
 
 FINGERPRINT = "inputs.sha256"
@@ -77,7 +78,20 @@ def resume_point(folder: Path, inputs_hash: str) -> Path | None:
     return None
 
 
-def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) -> dict:
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker of track.report_to is installed; checked before a training stage does any work."""
+    missing = [TRACKER_PACKAGES[name] for name in report_to
+               if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        raise InvalidInput(f"track.report_to = {report_to}: {', '.join(missing)} not installed; "
+                           f"`pip install {' '.join(missing)}`, or leave it out (dvclive records the run anyway)")
+
+
+def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path,
+                   report_to: list[str] | tuple = ()) -> dict:
     """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments)."""
     on_gpu = torch.cuda.is_available()
     named = train.model_dump()  # the schema's fields are named as TrainingArguments names them,
@@ -90,7 +104,7 @@ def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path) 
         save_strategy="steps",
         bf16=on_gpu and (model.dtype == "bfloat16" or model.quantization == "4bit"),
         fp16=on_gpu and model.dtype == "float16",
-        report_to="none",  # dvclive is attached below with its folder set per stage
+        report_to=list(report_to) or "none",  # dvclive is attached below with its folder set per stage
         disable_tqdm=False,  # progress bars on stderr
         dataloader_num_workers=0,
         use_cpu=not on_gpu,  # with several processes on CPUs this selects DDP over gloo

@@ -22,6 +22,7 @@ from stack_dpo.paths import CHECKPOINTS, DPO_ADAPTER, DPO_DATA, METRICS, REFEREN
 def run(params: Params) -> dict:
     preflight(params.model)  # a refused run leaves the checkpoints as they were
     check_loss_types(params)
+    training.check_trackers(params.track.report_to)
     inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
         "dpo", {"model": params.model, "dpo": params.dpo, "launch": params.launch,
                 "prepare.max_length": params.prepare.max_length},

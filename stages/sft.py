@@ -21,6 +21,7 @@ from stack_dpo.paths import CHECKPOINTS, METRICS, SFT_ADAPTER, SFT_DATA
 
 def run(params: Params) -> dict:
     preflight(params.model, params.sft.lora)  # a refused run leaves the checkpoints as they were
+    training.check_trackers(params.track.report_to)
     inputs_hash = training.fingerprint(  # the params dvc.yaml gives this stage, and its inputs
         "sft", {"model": params.model, "sft": params.sft, "launch": params.launch},
         [SFT_DATA, Path(params.model.name_or_path)])
@@ -29,7 +30,7 @@ def run(params: Params) -> dict:
         max_length=params.sft.seq_length,
         packing=params.sft.packing,
         packing_strategy=params.sft.packing_strategy,
-        **training.trainer_kwargs(params.sft.train, params.model, CHECKPOINTS / "sft"),
+        **training.trainer_kwargs(params.sft.train, params.model, CHECKPOINTS / "sft", params.track.report_to),
     )
     checkpoint = training.checkpoint_to_resume(config, CHECKPOINTS / "sft", inputs_hash)
     tokenizer = load_tokenizer(params.model.name_or_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stack_dpo.params import validate
+from stack_dpo.params import InvalidInput, validate
 from tests.conftest import DEFAULT_PARAMS, REPO, make_clone, subprocess_env
 
 STACK_DPO = str(Path(sys.executable).parent / "stack-dpo")  # the installed console script
@@ -121,3 +121,39 @@ def test_a_dpo_run_with_another_loss_trains_it_and_the_card_names_it(trained, tm
     # IPO's loss at the start, where the rewards are 0: (0 - 1/(2 beta))^2; the recipe's would be ln 2
     assert metrics["start_check"]["loss"] == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-3)
     assert "loss ipo" in (ws / "models/merged/README.md").read_text()
+
+
+def test_summary_says_how_the_run_did_against_its_baselines_and_what_next():
+    done = cli(REPO, "summary")
+    metrics = json.loads((REPO / "metrics/evaluate.json").read_text())
+    assert done.returncode == 0, done.stderr
+    first, where, next_ = done.stdout.splitlines()
+    assert first.startswith(f"held-out preference accuracy {metrics['rewards/accuracies']:.3f} (95% interval")
+    assert f"the longer answer wins {metrics['baseline/length_accuracy']:.3f}" in first
+    assert first.endswith("beats every one.") == all(metrics["rewards/accuracies"] > metrics[key] for key in
+                                                      ("baseline/length_accuracy", "baseline/code_block_accuracy",
+                                                       "baseline/sft_accuracy"))
+    assert where.startswith("the model: models/merged") and next_.startswith("next: ")
+
+
+def test_an_experiment_tracker_is_optional_and_a_missing_one_is_named(trained, tmp_path):
+    import importlib.util
+
+    from stages import sft
+    from tests.conftest import inside
+
+    missing = next((name for name in ("wandb", "mlflow", "tensorboard") if importlib.util.find_spec(name) is None),
+                   None)
+    if missing is None:
+        pytest.skip("every tracker is installed here")
+    ws = tmp_path / "ws"
+    shutil.copytree(trained, ws, symlinks=True)
+    before = {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()}
+    with inside(ws) as params:
+        assert params.track.report_to == []  # off by default
+        tracked = params.model_copy(update={"track": params.track.model_copy(update={"report_to": [missing]})})
+        with pytest.raises(InvalidInput, match=rf"track.report_to = \['{missing}'\]: {missing} not installed"):
+            sft.run(tracked)
+    assert {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()} == before
+    with pytest.raises(ValueError, match="report_to"):
+        validate({**DEFAULT_PARAMS, "track": {"report_to": ["comet"]}})
