@@ -43,7 +43,7 @@ bench: $(STAMP)  ## every benchmark (about 50 min on 2 CPUs; bench.gpu only wher
 	python -m bench.gpu
 
 exp-full: $(STAMP)  ## the recipe's full-scale profile (Llama-2-7B, QLoRA) as the DVC experiment llama2-7b
-	python -m stack_dpo.params --profile profiles/llama2-7b.yaml --run-exp llama2-7b
+	python -m stack_dpo.experiment --profile profiles/llama2-7b.yaml --run-exp llama2-7b
 
 sample-data: $(STAMP)  ## regenerate the bundled sample (seeded)
 	python scripts/make_sample_data.py

@@ -41,9 +41,10 @@ from prefect.tasks import exponential_backoff
 from ruamel.yaml import YAML
 
 from flows.workspace import check_experiment_name, dvc, exclusive, experiment_ref, git, run_workspace, untracked_files
+from stack_dpo.experiment import check_machine
 from stack_dpo.faults import INVALID_INPUT_EXIT
 from stack_dpo.outputs import write_text_atomic
-from stack_dpo.params import PARAMS_FILE, check_machine, deep_merge, flatten, read_yaml, validate
+from stack_dpo.params import PARAMS_FILE, deep_merge, flatten, read_yaml, validate
 from stack_dpo.paths import MERGED, METRICS, PUSH_REPORT
 
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit GPU stages hold a slot of

@@ -56,8 +56,9 @@ def generate(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> None:
     from stack_dpo.dpo import check_loss_types
+    from stack_dpo.experiment import check_machine, profile_params
     from stack_dpo.modeling import preflight
-    from stack_dpo.params import check_machine, load_params, profile_params
+    from stack_dpo.params import load_params
 
     params = profile_params(args.profile, Path(args.params)) if args.profile else load_params(args.params)
     source = f"{args.params} + {args.profile}" if args.profile else args.params

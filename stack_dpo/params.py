@@ -1,16 +1,13 @@
 """Typed schema of params.yaml, validated before any stage does work.
 
 Unknown keys are rejected and a bad value fails with its key, the value and what is
-allowed. `python -m stack_dpo.params --profile profiles/llama2-7b.yaml` prints the profile as
-`dvc exp run -S key=value` arguments, and `--run-exp NAME` runs that experiment
-(what `make exp-full` uses).
+allowed. `python -m stack_dpo.params` validates params.yaml; profiles and experiments are
+stack_dpo.experiment's.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -279,47 +276,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def profile_set_args(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> list[str]:
-    """`-S key=value` arguments that turn params.yaml into `profile` (validated first)."""
-    override = read_yaml(profile) or {}
-    profile_params(profile, params_file)
-    args = []
-    for key, value in flatten(override).items():
-        args += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    return args
-
-
-def profile_params(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> Params:
-    """params.yaml with `profile` laid over it, validated."""
-    return validate(deep_merge(read_yaml(params_file), read_yaml(profile) or {}), f"{params_file} + {profile}")
-
-
-def check_machine(params: Params) -> None:
-    """What this machine must have for `params` (CUDA for 4-bit), checked before an experiment
-    touches the workspace: a 7B profile refused on a CPU must not first replace params.yaml
-    and data/raw and then fail."""
-    if params.model.quantization == "none":
-        return
-    from stack_dpo.modeling import quantization_config  # torch and transformers: only when needed
-
-    quantization_config(params.model)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Validate params.yaml, or print a profile as dvc -S arguments.")
-    parser.add_argument("--profile", type=Path, help="a profile YAML (overrides of params.yaml)")
-    parser.add_argument("--run-exp", metavar="NAME", help="run the profile as the DVC experiment NAME")
-    args = parser.parse_args()
     try:
-        if args.profile:
-            set_args = profile_set_args(args.profile)
-            if args.run_exp:
-                check_machine(profile_params(args.profile))
-                os.execvp("dvc", ["dvc", "exp", "run", "--name", args.run_exp, *set_args])
-            print(" ".join(set_args))
-        else:
-            load_params()
-            print(f"{PARAMS_FILE}: valid")
+        load_params()
+        print(f"{PARAMS_FILE}: valid")
     except InvalidInput as exc:
         sys.exit(str(exc))
 

@@ -118,7 +118,7 @@ MUTANTS = [
            "stack_dpo/modeling.py", "    if tokenizer.eos_token is None:", "    if False:",
            ("tests/test_bad_inputs.py::test_a_tokenizer_without_eos_is_refused_before_prepare_starts_workers",)),
     Mutant("make exp-full starts the experiment before checking for CUDA",
-           "stack_dpo/params.py", "                check_machine(profile_params(args.profile))", "                pass",
+           "stack_dpo/experiment.py", "            check_machine(profile_params(args.profile))", "            pass",
            ("tests/test_params.py::test_the_full_profile_on_a_machine_without_cuda_fails_before_touching_the_workspace",)),
     Mutant("fetch checks the columns of the first shard only",
            "stack_dpo/fetch.py", "        missing = [name for name in RAW_SCHEMA.names if name not in names]",

@@ -27,12 +27,15 @@ def test_every_command_has_help(tmp_path, command):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stage_help_prints_usage_and_runs_nothing(tmp_path, stage):
-    done = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m stages.{stage} [-h]"), done.stderr
-    assert f"{stage}:" in done.stdout and "params.yaml" in done.stdout  # its docstring, and where settings live
+def test_stage_help_prints_usage_and_runs_nothing(tmp_path):
+    # all at once: each pays for importing torch and transformers before it can print
+    helps = {stage: subprocess.Popen([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=tmp_path,
+                                     env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for stage in STAGES}
+    for stage, proc in helps.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.startswith(f"usage: python -m stages.{stage} [-h]"), err
+        assert f"{stage}:" in out and "params.yaml" in out  # its docstring, and where settings live
     assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
 
 
@@ -157,3 +160,30 @@ def test_an_experiment_tracker_is_optional_and_a_missing_one_is_named(trained, t
     assert {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()} == before
     with pytest.raises(ValueError, match="report_to"):
         validate({**DEFAULT_PARAMS, "track": {"report_to": ["comet"]}})
+
+
+@pytest.mark.slow
+def test_a_beta_sweep_through_the_dvc_queue_is_compared_by_stack_dpo_show(tmp_path):
+    from stack_dpo.params import deep_merge
+    from tests.conftest import FAST, git
+
+    repo = make_clone(tmp_path / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(DEFAULT_PARAMS, FAST), sort_keys=False))
+    git(repo, "commit", "-qam", "the fast params as the baseline")
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=subprocess_env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    dvc("exp", "run", "--queue", "-S", "dpo.beta=0.05,0.3")  # the README's sweep: one experiment per value
+    dvc("exp", "run", "--run-all", "-j", "1")
+    done = cli(repo, "show")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.split("\n\n")[0].splitlines()[1:]]
+    swept = {row[1]: row for row in rows if row[0] != "workspace" and row[1] in ("0.05", "0.3")}
+    assert set(swept) == {"0.05", "0.3"}, done.stdout
+    for row in swept.values():
+        accuracy = float(row[7])
+        assert 0 <= accuracy <= 1  # each experiment ran to its evaluation

@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from stack_dpo.params import InvalidInput, ParamsError, deep_merge, load_params, profile_set_args, validate
+from stack_dpo.experiment import profile_set_args
+from stack_dpo.params import InvalidInput, ParamsError, deep_merge, load_params, validate
 from stages import prepare
 from tests.conftest import DEFAULT_PARAMS, REPO, inside, make_clone, subprocess_env
 
@@ -135,7 +136,7 @@ def test_more_prepare_processes_than_cores_are_refused_before_any_work(workspace
 def test_the_full_profile_on_a_machine_without_cuda_fails_before_touching_the_workspace(tmp_path):
     repo = make_clone(tmp_path / "repo")
     before = (repo / "params.yaml").read_bytes()
-    result = subprocess.run([sys.executable, "-m", "stack_dpo.params", "--profile", "profiles/llama2-7b.yaml",
+    result = subprocess.run([sys.executable, "-m", "stack_dpo.experiment", "--profile", "profiles/llama2-7b.yaml",
                              "--run-exp", "llama2-7b"], cwd=repo, capture_output=True, text=True,
                             env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=60)
     assert result.returncode == 1 and "model.quantization = '4bit' needs CUDA" in result.stderr

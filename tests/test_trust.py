@@ -79,7 +79,9 @@ def test_evaluate_reports_the_baselines_of_its_pairs(trained):
     low, high = metrics["rewards/accuracies_ci95_low"], metrics["rewards/accuracies_ci95_high"]
     assert low <= metrics["rewards/accuracies"] <= high and high - low < 0.5
     report = (trained / "reports/evaluate.md").read_text()
-    assert "baseline/length_accuracy" in report and "baseline/sft_accuracy" in report
+    assert f"| baseline: the longer answer wins | {metrics['baseline/length_accuracy']:.3f} |" in report
+    assert f"| baseline: the SFT model's own preference (log-prob) | {metrics['baseline/sft_accuracy']:.3f} |" \
+        in report
 
 
 def test_an_untrained_dpo_adapter_scores_exactly_zero(trained, tmp_path):
