@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from stack_dpo.hub import HUB_ID
@@ -156,12 +157,14 @@ def pair_token_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], li
 
 
 @torch.no_grad()
-def response_logps(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int) -> torch.Tensor:
-    """Sum of the log-probabilities of each response given its prompt (DPO's log pi(y|x))."""
+def response_logps(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int,
+                   desc: str | None = None) -> torch.Tensor:
+    """Sum of the log-probabilities of each response given its prompt (DPO's log pi(y|x)); with
+    `desc`, a progress bar so named."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
         pairs = [pair_token_ids(tokenizer, p, r) for p, r in zip(prompts[start : start + batch_size],
                                                                  responses[start : start + batch_size])]
         width = max(len(p) + len(r) for p, r in pairs)
@@ -181,8 +184,10 @@ def response_logps(model, tokenizer, prompts: list[str], responses: list[str], b
     return torch.cat(out) if out else torch.empty(0)
 
 
-def pair_logps(model, tokenizer, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(chosen|prompt) and log pi(rejected|prompt) of each pair."""
-    chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size)
-    rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size)
+def pair_logps(model, tokenizer, pairs, batch_size: int, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen|prompt) and log pi(rejected|prompt) of each pair (progress bars with `desc`)."""
+    chosen = response_logps(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size,
+                            desc and f"{desc}: chosen log-probs")
+    rejected = response_logps(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size,
+                              desc and f"{desc}: rejected log-probs")
     return chosen, rejected

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from stack_dpo.dataset import RAW_SCHEMA, format_prompts, sft_text
 from stack_dpo.modeling import load_tokenizer
@@ -439,14 +440,18 @@ def prepare_dpo(params: Params, split: str, eval_qids: np.ndarray | None, folder
     writer = ShardWriter(folder, DPO_SCHEMA, params.fetch.shard_rows)
     seen = SeenPairs()
     assessor = PairAssessor(params, eval_qids)
-    for rows, pairs, passing, masks, hashes in in_order(assessor.assess_row_group, row_groups(split),
-                                                         num_workers(params)):
+    groups = row_groups(split)
+    progress = tqdm(total=sum(pq.ParquetFile(path).metadata.row_group(group).num_rows for path, group in groups),
+                    desc=f"prepare {split}", unit="rows")
+    for rows, pairs, passing, masks, hashes in in_order(assessor.assess_row_group, groups, num_workers(params)):
+        progress.update(rows)
         if not rows:
             continue
         masks["duplicate_pair"] = seen.duplicates(hashes)  # needs every earlier row, so it is decided here
         keep = drops.keep(rows, masks)
         writer.write(pairs.filter(pa.array(keep[passing])))
     writer.close()
+    progress.close()
     return drops.summary()
 
 

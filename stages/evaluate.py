@@ -44,13 +44,13 @@ def run(params: Params) -> dict:
 
     reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)
     reference = cast_weights(reference, params.model.dtype)  # as models/merged is loaded below
-    ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, batch)
+    ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, batch, desc="SFT model")
     sft_texts = generate(reference, tokenizer, prompts, params.evaluate.max_new_tokens)
     del reference
     gc.collect()
 
     final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=DTYPES[params.model.dtype], device_map=device_map())
-    chosen, rejected = pair_logps(final, tokenizer, pairs, batch)
+    chosen, rejected = pair_logps(final, tokenizer, pairs, batch, desc="final model")
     final_texts = generate(final, tokenizer, prompts, params.evaluate.max_new_tokens)
 
     beta = params.dpo.beta

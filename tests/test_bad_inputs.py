@@ -289,3 +289,21 @@ def test_a_full_disk_is_reported_as_such_and_retryable(tmp_path, stage, where):
     assert last.startswith("stack-dpo: out of disk space, retry when freed: no space left on the device writing ")
     assert where in last and "GiB free there" in last and "Traceback" not in done.stderr
     assert not (ws / f"metrics/{stage}.json").exists()  # outputs and metrics still agree
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_retried_then_transient_not_invalid(tmp_path, monkeypatch):
+    from stack_dpo import fetch as fetching
+    from stack_dpo.faults import TransientError
+
+    attempts = []
+
+    def unreachable(*args, **kwargs):  # what datasets raises when the Hub does not answer
+        attempts.append(args[0])
+        raise ConnectionError("Couldn't reach 'someone/stack-exchange-paired' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(fetching, "load_dataset", unreachable)
+    monkeypatch.setenv("STACK_DPO_RETRY_DELAYS_S", "0,0")
+    ws = make_workspace(tmp_path, {"data": {"source": "someone/stack-exchange-paired"}})
+    with inside(ws) as params, pytest.raises(TransientError, match=r"Couldn't reach .* \(after 3 attempts\)"):
+        fetch.run(params)
+    assert attempts == ["someone/stack-exchange-paired"] * 3 and not (ws / "data/raw").exists()
