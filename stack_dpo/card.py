@@ -76,6 +76,12 @@ PLOTS = [
 ]
 
 
+def loss_description(params: Params) -> str:
+    """dpo.loss_type, with its weights when several are combined."""
+    names, weights = params.dpo.loss_type, params.dpo.loss_weights
+    return " + ".join(f"{w:g} x {name}" for name, w in zip(names, weights)) if weights else " + ".join(names)
+
+
 def on_the_hub(name_or_path: str) -> bool:
     """A Hub id (not a local folder): what a model card may name as base model or dataset."""
     return bool(HUB_ID.match(name_or_path)) and not Path(name_or_path).exists()
@@ -89,7 +95,7 @@ def settings_table(params: Params) -> str:
             ("SFT", f"{sft.max_steps} steps, learning rate {sft.learning_rate}, batch "
                     f"{sft.per_device_train_batch_size} x {sft.gradient_accumulation_steps} accumulation, packed "
                     f"sequences of {params.sft.seq_length} tokens"),
-            ("DPO", f"{dpo.max_steps} steps, beta {params.dpo.beta}, loss {'+'.join(params.dpo.loss_type)}, learning "
+            ("DPO", f"{dpo.max_steps} steps, beta {params.dpo.beta}, loss {loss_description(params)}, learning "
                     f"rate {dpo.learning_rate}, batch {dpo.per_device_train_batch_size} x "
                     f"{dpo.gradient_accumulation_steps} accumulation"),
             ("length limits", f"prompt <= {params.prepare.max_prompt_length}, prompt + answer <= "
@@ -133,8 +139,7 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "", for_
         example_prompt=repr(format_prompt("How do I undo the last git commit?")),
         beta=params.dpo.beta, body=body, settings=settings_table(params) if for_hub else "",
         limitation="" if on_the_hub(base) else TINY_MODEL_LIMITATION,
-        loss=" + ".join(f"{w:g} x {name}" if params.dpo.loss_weights else name for name, w in
-                        zip(params.dpo.loss_type, params.dpo.loss_weights or [1.0] * len(params.dpo.loss_type))),
+        loss=loss_description(params),
     )
 
 

@@ -114,7 +114,7 @@ def show(args: argparse.Namespace) -> None:
 
 
 def summary(args: argparse.Namespace) -> None:
-    from stack_dpo.evaluate import BASELINES
+    from stack_dpo.evaluate import BASELINES, unbeaten_baselines
     from stack_dpo.paths import EVAL_REPORT, METRICS
 
     path = METRICS / "evaluate.json"
@@ -122,7 +122,7 @@ def summary(args: argparse.Namespace) -> None:
         raise SystemExit(f"{path}: not there yet; run `dvc repro` first")
     metrics = json.loads(path.read_text())
     accuracy = metrics["rewards/accuracies"]
-    beaten = [name for key, name in BASELINES if not accuracy > metrics[key]]
+    beaten = unbeaten_baselines(metrics)
     print(f"held-out preference accuracy {accuracy:.3f} (95% interval {metrics['rewards/accuracies_ci95_low']:.3f}-"
           f"{metrics['rewards/accuracies_ci95_high']:.3f}, {metrics['n_pairs']} pairs), against the baselines "
           + ", ".join(f"{name} {metrics[key]:.3f}" for key, name in BASELINES) + ": "

@@ -71,6 +71,11 @@ BASELINES = [("baseline/length_accuracy", "the longer answer wins"),
              ("baseline/sft_accuracy", "the SFT model's own preference (log-prob)")]
 
 
+def unbeaten_baselines(metrics: dict) -> list[str]:
+    """The baselines (by name) the held-out accuracy does not beat."""
+    return [name for key, name in BASELINES if not metrics["rewards/accuracies"] > metrics[key]]
+
+
 def table_cell(text: str) -> str:
     """Text for one cell of a markdown table."""
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
@@ -80,7 +85,7 @@ def report(metrics: dict, samples: list[dict], beta: float, max_new_tokens: int)
     """reports/evaluate.md: the accuracy beside its baselines, then held-out questions with their
     chosen and rejected answers and the two models' generations side by side."""
     accuracy = metrics["rewards/accuracies"]
-    beaten = [name for key, name in BASELINES if not accuracy > metrics[key]]
+    beaten = unbeaten_baselines(metrics)
     lines = ["# Evaluation", "",
              f"The final model (models/merged) against the SFT model as the reference, on {metrics['n_pairs']} "
              "held-out pairs (the evaluation split). An answer's reward is beta x (log-prob under the final model - "
