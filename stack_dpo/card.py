@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from stack_dpo.dataset import format_prompt
+from stack_dpo.dataset import format_prompt, generation_prompt
 from stack_dpo.hub import HUB_ID
 from stack_dpo.params import Params
 from stack_dpo.paths import DVCLIVE
@@ -36,7 +36,9 @@ into the 16-bit base.
 
 ## Usage
 
-The model answers in the recipe's prompt format, `{{ prompt_format }}`:
+The model answers in the recipe's prompt format, `{{ prompt_format }}`, given without the closing
+space: tokenized with the answer, that space joins the answer's first word, so the model was
+trained on `Answer:` followed by the answer.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +138,7 @@ def model_card(params: Params, metrics: dict | None = None, body: str = "", for_
         dataset_description=f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id
         else f"the sample of {DATASET} bundled with stack-dpo (`{source}`, same format)",
         prompt_format=format_prompt("<question>").replace("\n", "\\n"),
-        example_prompt=repr(format_prompt("How do I undo the last git commit?")),
+        example_prompt=repr(generation_prompt(format_prompt("How do I undo the last git commit?"))),
         beta=params.dpo.beta, body=body, settings=settings_table(params) if for_hub else "",
         limitation="" if on_the_hub(base) else TINY_MODEL_LIMITATION,
         loss=loss_description(params),

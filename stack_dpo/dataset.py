@@ -3,7 +3,7 @@
 - RAW_SCHEMA: the columns and types of lvwerra/stack-exchange-paired (and of data/raw);
 - SPLITS: its three splits, as params.data.splits names their folders;
 - the seed recipe's prompt template, `Question: <question>\\n\\nAnswer: `, for DPO prompts, SFT
-  texts (prompt + preferred answer) and generation.
+  texts (prompt + preferred answer) and, without its closing space, generation.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: "
 def format_prompt(question: str) -> str:
     """The recipe's prompt for one question."""
     return PROMPT_TEMPLATE.format(question=question)
+
+
+def generation_prompt(prompt: str) -> str:
+    """The prompt a model answers from: the recipe's, without its closing space. Tokenized with
+    the answer, that space joins the answer's first word (`Answer:` `ĠThe`), so SFT (whole texts)
+    and TRL's DPO (the answer starts where prompt and prompt + answer diverge) train on
+    `Answer:` then the answer; a lone space token ending the prompt is a context the model never
+    saw. prepare checks that only whitespace diverges."""
+    return prompt.rstrip(" ")
 
 
 def format_prompts(questions: list[str]) -> list[str]:

@@ -9,8 +9,10 @@ stage whose params ask for more than one process re-runs itself under `accelerat
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,6 +46,19 @@ def accelerate_command(module: str, launch: LaunchParams) -> list[str]:
     return [*command, "-m", module]
 
 
+class WhitespaceBoundaryWarning(logging.Filter):
+    """Drops TRL's "tokenized prompt is not a prefix" warning when all it names is whitespace:
+    the recipe's prompt ends in a space that joins the answer's first token. prepare checks that
+    and says so once, and generation leaves the space out as training does
+    (stack_dpo.dataset.generation_prompt). Any other boundary is still reported."""
+
+    LEFT_OUT = re.compile(r"left out of the training sequence: ('[^']*')\. ")  # repr() of the part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.LEFT_OUT.search(record.getMessage())
+        return not (found and not ast.literal_eval(found.group(1)).strip())
+
+
 def parse_args() -> None:
     """`python -m stages.<name> --help` prints the stage's docstring and exits; the stage takes
     no arguments (params.yaml holds its settings), so any other argument is an error."""
@@ -59,6 +74,7 @@ def main(run: Callable[[Params], object], distributed: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     # raised inside TRL and PEFT (model.is_gradient_checkpointing), not by anything stack-dpo calls
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("trl.trainer.dpo_trainer").addFilter(WhitespaceBoundaryWarning())
     try:
         params = load_params()  # params are validated before any work: nothing is read or written
         launched = "LOCAL_RANK" in os.environ

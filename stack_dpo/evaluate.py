@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from stack_dpo.dataset import generation_prompt
+
 log = logging.getLogger("stack_dpo.evaluate")
 CODE_BLOCK = "```"
 
@@ -45,7 +47,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampli
     """Each prompt's answer, greedy unless `sampling` (do_sample=True, temperature, top_p) says otherwise."""
     out = []
     for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        inputs = tokenizer(generation_prompt(prompt), return_tensors="pt").to(model.device)
         # max_length, not max_new_tokens: the model's generation config sets max_length already,
         # and transformers warns when both are given
         ids = model.generate(**inputs, max_length=inputs["input_ids"].shape[1] + max_new_tokens,

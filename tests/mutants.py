@@ -167,6 +167,13 @@ MUTANTS = [
     Mutant("a run workspace does not see the checkout's uncommitted changes",
            "flows/workspace.py", "        shutil.copy2(checkout / rel, path / rel)", "        pass",
            ("tests/test_workspace.py::test_a_workspace_starts_from_the_checkout_as_it_is_and_leaves_it_untouched",)),
+    Mutant("generation starts from the recipe's prompt with its closing space, a context training never shows",
+           "stack_dpo/dataset.py", '    return prompt.rstrip(" ")', "    return prompt",
+           ("tests/test_prepare.py::test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit",)),
+    Mutant("TRL's prompt-boundary warning is dropped whatever it names",
+           "stack_dpo/entrypoint.py", "        return not (found and not ast.literal_eval(found.group(1)).strip())",
+           "        return not found",
+           ("tests/test_prepare.py::test_trls_prompt_boundary_warning_is_dropped_only_for_whitespace",)),
 ]
 
 

@@ -33,6 +33,10 @@ def clone(tmp_path_factory) -> Path:
 def test_dvc_repro_runs_the_whole_pipeline_and_learns_the_preference(clone):
     out = sh(["dvc", "repro"], clone)
     assert stages_run(out) == ["sources", "fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"]
+    # what the user sees: progress, the prompt's closing space said once, no warnings
+    assert all(f"prepare {split}: 100%" in out for split in ("finetune", "rl", "evaluation"))
+    assert out.count("closing whitespace joins the answer's first token") == 1
+    assert not [line for line in out.splitlines() if "warn" in line.lower()]
     metrics = json.loads((clone / "metrics/evaluate.json").read_text())
     # real learning, beside the baselines it must beat (the default's promise, README)
     assert metrics["rewards/accuracies"] >= 0.70, metrics

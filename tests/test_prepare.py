@@ -1,9 +1,12 @@
+import logging
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 
-from stack_dpo.dataset import RAW_SCHEMA
+from stack_dpo.dataset import RAW_SCHEMA, generation_prompt
+from stack_dpo.entrypoint import WhitespaceBoundaryWarning
 from stack_dpo.modeling import load_tokenizer, pair_token_ids
 from stages import fetch, prepare
 from tests.conftest import inside, make_workspace
@@ -129,6 +132,19 @@ def test_trl_itself_never_truncates_a_kept_pair_and_no_dropped_pair_would_fit(tm
     for row, original in zip(trainer.eval_dataset, dropped):
         prompt_alone = len(tokenizer(original["prompt"])["input_ids"])  # the prompt as given at inference
         assert prompt_alone > limit_prompt or lengths(row)[1] > limit
+    # generation starts from exactly the prompt tokens TRL trains on (the recipe's closing space
+    # joins the answer's first token, so the model never sees it alone)
+    for row, original in zip(trainer.train_dataset, kept):
+        assert tokenizer(generation_prompt(original["prompt"]))["input_ids"] == row["prompt_ids"]
+        assert tokenizer(original["prompt"])["input_ids"] != row["prompt_ids"]
+
+
+@pytest.mark.parametrize(("left_out", "shown"), [(" ", False), ("\n ", False), ("Answer: ", True), ("it's", True)])
+def test_trls_prompt_boundary_warning_is_dropped_only_for_whitespace(left_out, shown):
+    message = ("The tokenized prompt is not a prefix of the tokenized prompt+completion, ... this end of the prompt "
+               f"is left out of the training sequence: {left_out!r}. The model is trained on a context ...")
+    record = logging.LogRecord("trl.trainer.dpo_trainer", logging.WARNING, __file__, 0, message, None, None)
+    assert WhitespaceBoundaryWarning().filter(record) is shown
 
 
 def test_missing_column_names_the_file(tmp_path, monkeypatch):

@@ -102,7 +102,8 @@ def test_model_card_carries_metrics_and_lineage(pushable, hub, tmp_path):
     assert "its answers are not useful" in card.text  # the limitation that says so
     # usage in the recipe's prompt format, the training settings that matter
     assert 'AutoModelForCausalLM.from_pretrained("alice/tiny-dpo"' in card.text
-    assert "prompt = 'Question: How do I undo the last git commit?\\n\\nAnswer: '" in card.text
+    # the prompt as the model was trained on it: the closing space joins the answer's first token
+    assert "prompt = 'Question: How do I undo the last git commit?\\n\\nAnswer:'" in card.text
     assert "| DPO | 4 steps, beta 0.1, loss sigmoid" in card.text and "## Limitations" in card.text
     assert {"trl", "sft", "dpo", "lora"} <= set(card.data.tags) and card.data.license == "mit"
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
