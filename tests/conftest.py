@@ -96,6 +96,29 @@ def stage_processes(root: Path, stage: str = "") -> list:
     return found
 
 
+def flow_run_logs(flow_run_id) -> list[str]:
+    """Every log message of a Prefect flow run and its task runs, all pages."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    messages: list[str] = []
+    with get_client(sync_client=True) as client:
+        while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                       offset=len(messages)):
+            messages += [log.message for log in page]
+    return messages
+
+
+def task_run_counts(flow_run_id) -> dict[str, int]:
+    """How many times each task (stage) of a flow run ran: 2 means it was retried once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.run_count for run in runs}
+
+
 @pytest.fixture
 def workspace(tmp_path):
     return make_workspace(tmp_path / "ws")

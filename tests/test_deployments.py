@@ -16,15 +16,14 @@ from uuid import UUID
 import pytest
 import requests
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.workspace import RUNS, git
-from tests.conftest import make_clone, stage_processes, subprocess_env
+from stack_dpo.params import deep_merge
+from tests.conftest import FAST, flow_run_logs, make_clone, stage_processes, subprocess_env
 
 pytestmark = pytest.mark.slow
-QUICK = {"sft": {"train": {"max_steps": 4}}, "dpo": {"train": {"max_steps": 4}},
-         "evaluate": {"max_pairs": 64, "generations": 1}}
+QUICK = deep_merge(FAST, {"evaluate": {"max_pairs": 32}})  # fewer than the 64 evaluation rows it fetches
 
 
 def free_port() -> int:
@@ -110,25 +109,15 @@ def wait_for(run_id: UUID, timeout: float = 600):
             time.sleep(1)
 
 
-def run_logs(run_id: UUID) -> list[str]:
-    messages, offset = [], 0
-    with get_client(sync_client=True) as client:
-        while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
-                                       offset=offset):
-            messages += [log.message for log in page]
-            offset += len(page)
-    return messages
-
-
 def test_deployment_run_completes_with_outputs_and_experiment(prefect):
     repo = prefect["repo"]
     run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
     assert run.state.is_completed(), run.state
     workspace = repo / RUNS / "deployed-quick"
     assert (workspace / "models/merged/model.safetensors").is_file()
-    assert json.loads((workspace / "metrics/evaluate.json").read_text())["n_pairs"] == 64
+    assert json.loads((workspace / "metrics/evaluate.json").read_text())["n_pairs"] == 32
     assert git(repo, "status", "--porcelain") == "" and not (repo / "models/merged").exists()
-    logs = "\n".join(run_logs(run.id))
+    logs = "\n".join(flow_run_logs(run.id))
     for stage in ("fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate", "push"):
         assert f"Running stage '{stage}'" in logs  # each stage's own output, streamed into the run log
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
@@ -142,7 +131,7 @@ def test_a_rerun_with_unchanged_inputs_finds_every_stage_up_to_date(prefect):
     started = time.monotonic()
     run = wait_for(run_deployment(prefect, {"overrides": QUICK, "experiment": "deployed-quick"}))
     assert run.state.is_completed(), run.state
-    logs = "\n".join(run_logs(run.id))
+    logs = "\n".join(flow_run_logs(run.id))
     assert re.findall(r"Running stage '(\w+)'", logs) == ["sources"]  # always run; it reran nothing else
     assert logs.count("didn't change, skipping") == 8
     assert time.monotonic() - started < 120

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,28 +13,27 @@ import pytest
 import torch
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import PermanentStageFailure, pipeline, pipeline_stages, release_dead_dvc_locks
-from flows.workspace import RUNS, experiment_ref, git
+from flows.workspace import RUNS, git
 from stack_dpo.params import InvalidInput, ParamsError, deep_merge
-from tests.conftest import DEFAULT_PARAMS, FAST, make_clone, stage_processes, subprocess_env
+from tests.conftest import (
+    DEFAULT_PARAMS,
+    FAST,
+    flow_run_logs,
+    make_clone,
+    stage_processes,
+    subprocess_env,
+    task_run_counts,
+)
 
 
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def task_run_counts(state) -> dict[str, int]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    return {run.name: run.run_count for run in runs}
 
 
 def test_stage_order_and_gpu_marks_come_from_dvc_yaml(tmp_path):
@@ -72,58 +70,7 @@ def test_permanent_failure_is_not_retried(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(PermanentStageFailure, match="no rows left for dpo/train"):
         state.result()
-    assert task_run_counts(state) == {"sources": 1, "fetch": 1, "prepare": 1}
-
-
-def _kill_first_sft_after(repo: Path, checkpoint: Path, killed: list[int]) -> None:
-    """Fault injection from outside: SIGKILL the sft stage process once its checkpoint exists."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not killed:
-        if (checkpoint / "trainer_state.json").exists():
-            for proc in stage_processes(repo, "sft"):
-                proc.send_signal(signal.SIGKILL)
-                killed.append(proc.pid)
-        time.sleep(0.05)
-
-
-@pytest.mark.slow
-def test_killed_sft_is_retried_and_resumes_from_its_checkpoint(harness, tmp_path):
-    repo = make_clone(tmp_path)
-    overrides = {**FAST, "sft": {"train": {"max_steps": 12, "save_steps": 2, "eval_steps": 12, "logging_steps": 1,
-                                            "save_total_limit": 10}}}
-    killed: list[int] = []
-    run = repo / RUNS / "resumed"  # the run's workspace: the checkout itself is never written
-    watcher = threading.Thread(target=_kill_first_sft_after, args=(repo, run / "checkpoints/sft/checkpoint-4", killed))
-    watcher.start()
-    state = pipeline(overrides=overrides, experiment="resumed", workdir=str(repo), retries=2, retry_backoff_s=0.1,
-                     return_state=True)
-    watcher.join()
-    assert killed, "the sft stage was never killed"
-    assert state.is_completed(), state
-    counts = task_run_counts(state)
-    assert counts["sft"] == 2 and all(n == 1 for name, n in counts.items() if name != "sft"), counts
-    sft = json.loads((run / "metrics/sft.json").read_text())
-    assert sft["resumed_from_step"] >= 4 and sft["global_step"] == 12
-    state_file = json.loads((run / "checkpoints/sft/checkpoint-12/trainer_state.json").read_text())
-    steps = [entry["step"] for entry in state_file["log_history"] if "loss" in entry]
-    assert steps == sorted(set(steps))  # no step trained twice
-    assert json.loads((run / "metrics/evaluate.json").read_text())["n_pairs"] > 0
-    assert git(repo, "status", "--porcelain") == ""  # params.yaml, dvc.lock and metrics of the checkout untouched
-    assert not (repo / "models/merged").exists() and not (repo / "checkpoints").exists()
-    commit = git(repo, "rev-parse", experiment_ref(repo, "resumed")).strip()
-    saved = yaml.safe_load(git(repo, "show", f"{commit}:params.yaml"))
-    assert saved["sft"]["train"]["max_steps"] == 12
-    with get_client(sync_client=True) as client:
-        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
-        artifacts = client.read_artifacts()
-    summary = next(a for a in artifacts if a.key == "stack-dpo-run").data
-    assert "`sft.train.max_steps` = `12`" in summary and "rewards/accuracies" in summary
-    assert "## Data dropped by prepare, by reason" in summary and "| dpo/train | 160 |" in summary
-    assert "baseline/sft_accuracy" in summary and "not pushed" in summary
-    # it points at what stays: the experiment and its commit, the merged model's hash in the DVC cache
-    lock = yaml.safe_load(git(repo, "show", f"{commit}:dvc.lock"))["stages"]
-    merged = next(out["md5"] for out in lock["merge"]["outs"] if out["path"] == "models/merged")
-    assert f"DVC experiment `resumed`, commit `{commit}`" in summary and f"`{merged}`" in summary
+    assert task_run_counts(state.state_details.flow_run_id) == {"sources": 1, "fetch": 1, "prepare": 1}
 
 
 def test_locks_of_killed_dvc_processes_are_released(tmp_path):
@@ -261,10 +208,9 @@ def test_a_stage_that_meets_a_busy_dvc_lock_is_retried_until_it_runs(harness, tm
                      retry_jitter_factor=0, return_state=True)
     assert other.wait() == 0
     assert state.is_completed(), state
-    assert task_run_counts(state)["fetch"] >= 2  # the first try met the lock and was retried
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert any("is busy, it is being blocked by" in log.message for log in logs)
+    assert task_run_counts(state.state_details.flow_run_id)["fetch"] >= 2  # the first try met the lock and was retried
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert any("is busy, it is being blocked by" in message for message in logs)
 
 
 @pytest.mark.slow

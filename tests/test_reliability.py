@@ -1,6 +1,7 @@
 """Faults and concurrency through the real `dvc` CLI and Prefect: a stage SIGKILLed at a random
-moment reruns to the uninterrupted result, two `dvc repro` on one workspace do not collide, two
-flow runs share one DVC cache, and a Hub token reaches no file and no Prefect log."""
+moment reruns to the uninterrupted result, two `dvc repro` on one workspace do not collide, and
+two flow runs at once (one sft killed and retried, one pushing with a Hub token) are two
+experiments over one DVC cache, the token in no file and no Prefect log."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from uuid import UUID
 
 import psutil
 import pyarrow.parquet as pq
@@ -22,15 +25,23 @@ import pytest
 import torch
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
-from flows.pipeline import pipeline
-from flows.workspace import RUNS, git
+from flows.workspace import RUNS, experiment_ref, git
 from stack_dpo.params import deep_merge, flatten
-from tests.conftest import DEFAULT_PARAMS, FAST, REPO, make_clone, stage_processes, subprocess_env
+from tests.conftest import (
+    DEFAULT_PARAMS,
+    FAST,
+    REPO,
+    flow_run_logs,
+    make_clone,
+    stage_processes,
+    subprocess_env,
+    task_run_counts,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -259,7 +270,7 @@ def test_two_dvc_repro_on_one_workspace(tmp_path):
     them, and touches nothing; the first completes and the workspace is consistent.
     (`dvc --wait-for-lock` waits for the repo lock only; the flow retries such a stage with backoff.)"""
     clone = small_clone(tmp_path / "ws")
-    first = start_dvc(clone, "repro")
+    first = start_dvc(clone, "repro", "sft")  # the stages up to sft: enough for the second to meet its locks
     assert wait_for_stage(clone, "sft", first) is not None
     second = dvc(clone, "repro", check=False)
     message = second.stderr + second.stdout
@@ -271,9 +282,9 @@ def test_two_dvc_repro_on_one_workspace(tmp_path):
     assert "Running stage" not in message
     first_out, _ = first.communicate()
     assert first.returncode == 0, first_out
-    assert re.findall(r"Running stage '(\w+)'", dvc(clone, "repro").stdout) == ["sources"]
-    assert_up_to_date(clone)
-    assert json.loads((clone / "metrics/evaluate.json").read_text())["n_pairs"] > 0
+    assert re.findall(r"Running stage '(\w+)'", dvc(clone, "repro", "sft").stdout) == ["sources"]
+    assert_up_to_date(clone, "sft")
+    assert json.loads((clone / "metrics/sft.json").read_text())["global_step"] == PARAMS["sft"]["train"]["max_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +296,8 @@ def harness():
 FLOW_RUN = """
 import json, sys
 from flows.pipeline import pipeline
-state = pipeline(workdir=sys.argv[1], experiment=sys.argv[2], overrides=json.loads(sys.argv[3]), return_state=True)
+state = pipeline(workdir=sys.argv[1], experiment=sys.argv[2], overrides=json.loads(sys.argv[3]), retry_backoff_s=1,
+                 return_state=True)
 print("FLOW_RUN_ID", state.state_details.flow_run_id)
 state.result()
 """
@@ -295,21 +307,62 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_cache(harness, tmp_path):
-    clone = small_clone(tmp_path / "ws")
+def kill_sft_once_after(workspace: Path, checkpoint: Path, killed: list[int]) -> None:
+    """Fault injection from outside: SIGKILL the sft stage process of one run workspace once its
+    checkpoint exists."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not killed:
+        if (checkpoint / "trainer_state.json").exists():
+            for proc in stage_processes(workspace, "sft"):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def two_flows(harness, tmp_path_factory):
+    """Two flow runs at once in one checkout with an uncommitted params.yaml, each its own
+    experiment (dpo.beta), with a freshly made Hub token in their environment; one pushes to a
+    local Hub with it, the other has its sft stage killed once mid-training."""
+    from tests.hub_server import FakeHub
+
+    token = "hf_" + secrets.token_hex(16)  # made here, so nothing can hold it by accident
+    hub = FakeHub(tokens={token: "alice"}).start()
+    root = tmp_path_factory.mktemp("two-flows")
+    clone = small_clone(root / "ws")
     before = {path: (clone / path).read_bytes() for path in ("params.yaml", "dvc.lock")}
     status_before = git(clone, "status", "--porcelain")
     betas = {"beta-low": 0.05, "beta-high": 0.4}
-    env = subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value())
-    runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), name, json.dumps({"dpo": {"beta": beta}})],
+    env = subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value(), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
+                         HF_TOKEN=token, HF_HOME=str(root / "hf-home"))
+    overrides = {name: {"dpo": {"beta": beta}} for name, beta in betas.items()}
+    overrides["beta-high"]["push"] = {"enabled": True, "repo_id": "alice/beta-high"}  # one push is enough
+    killed: list[int] = []
+    killed_run = clone / RUNS / "beta-low"
+    watcher = threading.Thread(target=kill_sft_once_after,
+                               args=(killed_run, killed_run / "checkpoints/sft/checkpoint-4", killed))
+    watcher.start()
+    runs = [subprocess.Popen([sys.executable, "-c", FLOW_RUN, str(clone), name, json.dumps(overrides[name])],
                              cwd=clone, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for name, beta in betas.items()]
-    outputs = [run.communicate(timeout=900)[0] for run in runs]
+            for name in betas]
+    try:
+        outputs = [run.communicate(timeout=900)[0] for run in runs]
+    finally:
+        hub.stop()
+        watcher.join()
     for run, out in zip(runs, outputs):
         assert run.returncode == 0, out[-3000:]
+    run_ids = [next(line.split()[-1] for line in out.splitlines() if line.startswith("FLOW_RUN_ID")) for out in outputs]
+    yield {"clone": clone, "before": before, "status_before": status_before, "betas": betas, "hub": hub,
+           "token": token, "outputs": outputs, "run_ids": dict(zip(betas, run_ids)), "killed": killed}
+
+
+def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_cache(two_flows):
+    clone, betas = two_flows["clone"], two_flows["betas"]
     # the checkout is as it was: its uncommitted params.yaml too, and no outputs
-    assert {path: (clone / path).read_bytes() for path in before} == before
-    assert git(clone, "status", "--porcelain") == status_before and not (clone / "models/merged").exists()
+    assert {path: (clone / path).read_bytes() for path in two_flows["before"]} == two_flows["before"]
+    assert git(clone, "status", "--porcelain") == two_flows["status_before"]
+    assert not (clone / "models/merged").exists()
     shown = {rev["name"]: rev["data"] for entry in json.loads(dvc(clone, "exp", "show", "--json").stdout)
              for exp in entry.get("experiments") or [] for rev in exp["revs"]}
     workspaces = {name: clone / RUNS / name for name in betas}
@@ -318,6 +371,8 @@ def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_
         evaluation = json.loads((workspaces[name] / "metrics/evaluate.json").read_text())
         assert shown[name]["metrics"]["metrics/evaluate.json"]["data"] == evaluation and evaluation["n_pairs"] > 0
         assert_up_to_date(workspaces[name])
+        assert json.loads((workspaces[name] / "reports/push.json").read_text())["pushed"] is (name == "beta-high")
+    assert two_flows["hub"].commit_count("alice/beta-high") >= 1
     cache = clone / ".dvc/cache"
     locks = {name: yaml.safe_load((ws / "dvc.lock").read_text())["stages"] for name, ws in workspaces.items()}
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -339,38 +394,50 @@ def test_two_flow_runs_at_once_in_one_checkout_are_two_experiments_over_one_dvc_
     assert yaml.safe_load((clone / "params.yaml").read_text())["dpo"]["beta"] == 0.4
 
 
-def test_hub_token_reaches_no_file_and_no_prefect_log(harness, tmp_path, monkeypatch):
-    from tests.hub_server import FakeHub
-
-    token = "hf_" + secrets.token_hex(16)  # made here, so nothing can hold it by accident
-    hub = FakeHub(tokens={token: "alice"}).start()
-    try:
-        for key, value in {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
-                           "HF_HOME": str(tmp_path / "hf-home")}.items():
-            monkeypatch.setenv(key, value)
-        clone = small_clone(tmp_path / "ws")
-        state = pipeline(workdir=str(clone), overrides={"push": {"enabled": True, "repo_id": "alice/secret-scan"}},
-                         experiment="secret-scan", return_state=True)
-        assert state.is_completed(), state
-        assert json.loads((clone / RUNS / "secret-scan/reports/push.json").read_text())["pushed"] is True
-        assert hub.commit_count("alice/secret-scan") >= 1
-    finally:
-        hub.stop()
-    flow_run_id = state.state_details.flow_run_id
+def test_hub_token_reaches_no_file_and_no_prefect_log(two_flows):
+    token, clone = two_flows["token"], two_flows["clone"]
+    records = list(two_flows["outputs"])  # what the flow processes printed
+    logs = {flow_run_id: "\n".join(flow_run_logs(flow_run_id)) for flow_run_id in two_flows["run_ids"].values()}
+    assert all("Running stage 'push'" in text for text in logs.values())
+    assert any("alice/beta-high" in text for text in logs.values())  # the pushing run logged its push
     with get_client(sync_client=True) as client:
-        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        logs, page = [], None
-        while page != []:
-            page = client.read_logs(log_filter=log_filter, limit=200, offset=len(logs))
-            logs += page
-        flow_run = client.read_flow_run(flow_run_id)
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        artifacts = client.read_artifacts()
-    text = "\n".join(log.message for log in logs)
-    assert "Running stage 'push'" in text and "alice/secret-scan" in text  # the push stage was logged
-    records = [text, flow_run.model_dump_json(), *(run.model_dump_json() for run in task_runs),
-               *(artifact.model_dump_json() for artifact in artifacts)]
+        for flow_run_id, text in logs.items():
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            records += [text, client.read_flow_run(flow_run_id).model_dump_json(),
+                        *(run.model_dump_json() for run in task_runs)]
+        records += [artifact.model_dump_json() for artifact in client.read_artifacts()]
     assert not [record for record in records if token in record]
-    for path in clone.rglob("*"):
+    for path in clone.rglob("*"):  # both run workspaces, the checkout and its DVC cache
         if path.is_file() and not path.is_symlink():
             assert token.encode() not in path.read_bytes(), path
+
+
+def test_a_killed_sft_is_retried_once_and_resumes_from_its_checkpoint(two_flows):
+    clone, flow_run_id = two_flows["clone"], two_flows["run_ids"]["beta-low"]
+    assert two_flows["killed"], "the sft stage was never killed"
+    counts = task_run_counts(flow_run_id)
+    assert counts["sft"] == 2 and all(n == 1 for name, n in counts.items() if name != "sft"), counts
+    assert task_run_counts(two_flows["run_ids"]["beta-high"])["sft"] == 1  # the other run's sft was left alone
+    run = clone / RUNS / "beta-low"
+    steps = PARAMS["sft"]["train"]["max_steps"]
+    sft = json.loads((run / "metrics/sft.json").read_text())
+    assert 4 <= sft["resumed_from_step"] < steps and sft["global_step"] == steps
+    state = json.loads((run / f"checkpoints/sft/checkpoint-{steps}/trainer_state.json").read_text())
+    logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged == sorted(set(logged))  # no step trained twice
+    # one log line per retry, naming the stage and how it failed, with no traceback
+    retries = [message for message in flow_run_logs(flow_run_id) if "Retry " in message]
+    assert len(retries) == 1 and "\n" not in retries[0], retries
+    assert "stage sft: `dvc repro --single-item sft` exited" in retries[0] and "Retry 1/2 will start" in retries[0]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+        artifacts = client.read_artifacts()
+    summary = next(a for a in artifacts if a.key == "stack-dpo-run" and a.flow_run_id == UUID(flow_run_id)).data
+    assert "`dpo.beta` = `0.05`" in summary and "rewards/accuracies" in summary
+    assert "## Data dropped by prepare, by reason" in summary and "| dpo/train | 160 |" in summary
+    assert "baseline/sft_accuracy" in summary and "not pushed" in summary
+    # it points at what stays: the experiment and its commit, the merged model's hash in the DVC cache
+    commit = git(clone, "rev-parse", experiment_ref(clone, "beta-low")).strip()
+    lock = yaml.safe_load(git(clone, "show", f"{commit}:dvc.lock"))["stages"]
+    merged = next(out["md5"] for out in lock["merge"]["outs"] if out["path"] == "models/merged")
+    assert f"DVC experiment `beta-low`, commit `{commit}`" in summary and f"`{merged}`" in summary
