@@ -1,8 +1,10 @@
 """Planted bugs the test suite must catch: `make mutants` (python -m tests.mutants [NAME ...]).
 
 Each mutant changes one line of the code in a scratch copy of this checkout and runs only the
-tests that should notice; it is caught when they fail. Prints `N of N planted bugs caught` and
-exits 0 only if every one was. A bug fixed from now on gets its mutant here.
+tests that should notice; it is caught when they fail (the first failing test is printed, to show
+why). The tests must also pass with no bug planted. Scratch copies run `--jobs` at a time, each
+with its share of the cores. Prints `N of N planted bugs caught` and exits 0 only if every one
+was. A bug fixed from now on gets its mutant here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -200,40 +203,55 @@ def plant(root: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
-def run_tests(mutant: Mutant | None, tests: list[str]) -> tuple[bool, float, str]:
-    """(passed, seconds, output tail) of `tests` in a scratch copy with `mutant` planted."""
+class Outcome(NamedTuple):
+    passed: bool
+    seconds: float
+    first_failure: str  # pytest's `FAILED ...` / `ERROR ...` line, or the output's tail
+    tail: str
+
+
+def run_tests(mutant: Mutant | None, tests: list[str], threads: int) -> Outcome:
+    """`tests` in a scratch copy with `mutant` planted, torch on `threads` threads."""
     with tempfile.TemporaryDirectory(prefix="stack-dpo-mutant-") as tmp:
         root = scratch_copy(Path(tmp))
         if mutant is not None:
             plant(root, mutant)
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                                 cwd=root, env=env, capture_output=True, text=True)
-        return result.returncode == 0, time.monotonic() - started, result.stdout[-600:]
+        summary = [line for line in result.stdout.splitlines() if line.startswith(("FAILED tests/", "ERROR tests/"))]
+        first = summary[0] if summary else result.stdout[-300:]
+        return Outcome(result.returncode == 0, time.monotonic() - started, first[:300], result.stdout[-600:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="substrings of the mutants to run (default: all)")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="scratch copies tested at once (default 2)")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
-    # the tests must pass without a planted bug, or a failure would prove nothing
-    passed, seconds, tail = run_tests(None, sorted({test for m in chosen for test in m.tests}))
-    print(f"{'passed ' if passed else 'FAILED '} {seconds:6.1f} s  the tests, with no bug planted", flush=True)
-    if not passed:
-        print(tail)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        # the tests must pass without a planted bug, or a failure would prove nothing
+        unmutated = pool.submit(run_tests, None, sorted({test for m in chosen for test in m.tests}), threads)
+        mutated = [pool.submit(run_tests, mutant, list(mutant.tests), threads) for mutant in chosen]
+        caught = []
+        for mutant, future in zip(chosen, mutated):
+            outcome = future.result()
+            caught.append(not outcome.passed)
+            print(f"{'caught ' if not outcome.passed else 'MISSED '} {outcome.seconds:6.1f} s  {mutant.name}",
+                  flush=True)
+            print(f"          {outcome.first_failure}" if not outcome.passed else outcome.tail, flush=True)
+        baseline = unmutated.result()
+    print(f"{'passed ' if baseline.passed else 'FAILED '} {baseline.seconds:6.1f} s  the tests, with no bug planted")
+    if not baseline.passed:
+        print(baseline.tail)
+        print("the tests fail with no bug planted, so no catch above proves anything")
         sys.exit(1)
-    results = []
-    for mutant in chosen:
-        passed, seconds, tail = run_tests(mutant, list(mutant.tests))
-        ok = not passed
-        results.append(ok)
-        print(f"{'caught ' if ok else 'MISSED '} {seconds:6.1f} s  {mutant.name}", flush=True)
-        if not ok:
-            print(tail)
-    print(f"{sum(results)} of {len(results)} planted bugs caught")
-    sys.exit(0 if all(results) else 1)
+    print(f"{sum(caught)} of {len(caught)} planted bugs caught")
+    sys.exit(0 if all(caught) else 1)
 
 
 if __name__ == "__main__":
