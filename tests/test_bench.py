@@ -51,3 +51,16 @@ def test_gpu_benchmark_without_cuda_says_it_skipped_and_exits_0():
     done = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("SKIPPED: no CUDA device here") and "tokens/s" not in done.stdout
+
+
+def test_the_benchmarks_memory_figure_is_the_peak_of_the_whole_process_tree(tmp_path):
+    """bench.measure.run samples PSS now and then (sparingly: each sample costs CPU); a child's
+    256 MiB held for a second beside its parent's 64 MiB must show, each page counted once."""
+    from bench.measure import run
+
+    child = "import time; block = b'x' * (256 << 20); time.sleep(1.5)"
+    parent = (f"import subprocess, sys; block = b'y' * (64 << 20); "
+              f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
+    measured = run([sys.executable, "-c", parent], tmp_path)
+    mib = measured.peak_rss / (1 << 20)
+    assert 320 <= mib < 320 + 100, f"{mib:.0f} MiB"  # two interpreters add some tens of MiB
