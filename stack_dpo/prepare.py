@@ -293,8 +293,9 @@ def check_tokenization(tokenizer, prompts: list[str], answers: list[str]) -> Non
     problems: Counter[str] = Counter()
     merged = 0
     for prompt, answer in zip(prompts, answers):
-        full = tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"]
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        # verbose=False: a text beyond the model's context is not an error here (the limits drop it)
+        full = tokenizer(prompt + answer + tokenizer.eos_token, verbose=False)["input_ids"]
+        prompt_ids = tokenizer(prompt, verbose=False)["input_ids"]
         shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), len(prompt_ids))
         problems["a doubled BOS"] += bos is not None and full[:2] == [bos, bos]
         problems["a doubled EOS"] += full[-2:] == [eos, eos]

@@ -177,6 +177,10 @@ MUTANTS = [
            "stack_dpo/entrypoint.py", "        return not (found and not ast.literal_eval(found.group(1)).strip())",
            "        return not found",
            ("tests/test_prepare.py::test_trls_prompt_boundary_warning_is_dropped_only_for_whitespace",)),
+    Mutant("prepare's tokenization check lets transformers warn of indexing errors for a text it only counts",
+           "stack_dpo/prepare.py", "        prompt_ids = tokenizer(prompt, verbose=False)",
+           "        prompt_ids = tokenizer(prompt)",
+           ("tests/test_prepare.py::test_the_tokenization_check_does_not_warn_about_texts_beyond_the_models_context",)),
 ]
 
 

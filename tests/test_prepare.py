@@ -5,11 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 
-from stack_dpo.dataset import RAW_SCHEMA, generation_prompt
+from stack_dpo.dataset import RAW_SCHEMA, format_prompts, generation_prompt
 from stack_dpo.entrypoint import WhitespaceBoundaryWarning
 from stack_dpo.modeling import load_tokenizer, pair_token_ids
 from stages import fetch, prepare
-from tests.conftest import inside, make_workspace
+from tests.conftest import REPO, inside, make_workspace
 
 NO_LIMITS = {"prepare": {"max_prompt_length": 10_000, "max_length": 10_000}}
 
@@ -146,6 +146,19 @@ def test_trls_prompt_boundary_warning_is_dropped_only_for_whitespace(left_out, s
     record = logging.LogRecord("trl.trainer.dpo_trainer", logging.WARNING, __file__, 0, message, None, None)
     assert WhitespaceBoundaryWarning().filter(record) is shown
 
+
+def test_the_tokenization_check_does_not_warn_about_texts_beyond_the_models_context(caplog):
+    """prepare tokenizes only to count; transformers' "will result in indexing errors" would be false."""
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")  # a fresh instance: it warns once per instance
+    long_question = "Why? " * (2 * tokenizer.model_max_length)
+    hf_logging.enable_propagation()  # so that caplog sees transformers' records
+    try:
+        prepare.check_tokenization(tokenizer, format_prompts([long_question]), ["Because."])
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r for r in caplog.records if "sequence length is longer" in r.getMessage()]
 
 def test_missing_column_names_the_file(tmp_path, monkeypatch):
     ws = make_workspace(tmp_path)
