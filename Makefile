@@ -33,7 +33,7 @@ mutants: $(STAMP)  ## plant known bugs one at a time; the tests must catch every
 lint: $(STAMP)
 	ruff check stages flows scripts tests bench
 
-bench: $(STAMP)  ## every benchmark (about 50 min on 2 CPUs; bench.gpu only where CUDA exists); see BENCHMARKS.md
+bench: $(STAMP)  ## every benchmark (about 55 min on 2 CPUs; bench.gpu only where CUDA exists); see BENCHMARKS.md
 	python -m bench.sft_packing
 	python -m bench.dpo_memory
 	python -m bench.dpo_memory --vocab-size 32000
