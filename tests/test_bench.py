@@ -55,7 +55,7 @@ def test_gpu_benchmark_without_cuda_says_it_skipped_and_exits_0():
 
 def test_the_benchmarks_memory_figure_is_the_peak_of_the_whole_process_tree(tmp_path):
     """bench.measure.run samples PSS now and then (sparingly: each sample costs CPU); a child's
-    256 MiB held for a second beside its parent's 64 MiB must show, each page counted once."""
+    256 MiB held for 1.5 s beside its parent's 64 MiB must show in the peak."""
     from bench.measure import run
 
     child = "import time; block = b'x' * (256 << 20); time.sleep(1.5)"
