@@ -59,7 +59,7 @@ def test_the_benchmarks_memory_figure_is_the_peak_of_the_whole_process_tree(tmp_
     from bench.measure import run
 
     child = "import time; block = b'x' * (256 << 20); time.sleep(1.5)"
-    parent = (f"import subprocess, sys; block = b'y' * (64 << 20); "
+    parent = ("import subprocess, sys; block = b'y' * (64 << 20); "
               f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
     measured = run([sys.executable, "-c", parent], tmp_path)
     mib = measured.peak_rss / (1 << 20)

@@ -160,6 +160,7 @@ def test_the_tokenization_check_does_not_warn_about_texts_beyond_the_models_cont
         hf_logging.disable_propagation()
     assert not [r for r in caplog.records if "sequence length is longer" in r.getMessage()]
 
+
 def test_missing_column_names_the_file(tmp_path, monkeypatch):
     ws = make_workspace(tmp_path)
     with inside(ws) as params:
