@@ -2,8 +2,6 @@
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-EXTRAS  := dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
-comma   := ,
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -16,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PYTHON) -m stack_dpo.plots
 	touch $(STAMP)
 
