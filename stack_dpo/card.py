@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from stack_dpo.dataset import format_prompt, generation_prompt
 from stack_dpo.hub import HUB_ID
-from stack_dpo.params import Params
+from stack_dpo.params import Params, global_batch
 from stack_dpo.paths import DVCLIVE
 
 DATASET = "lvwerra/stack-exchange-paired"
@@ -94,12 +94,10 @@ def settings_table(params: Params) -> str:
     lora, sft, dpo = params.sft.lora, params.sft.train, params.dpo.train
     rows = [("quantization while training", f"{params.model.quantization} ({params.model.dtype} compute)"),
             ("LoRA", f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, on {', '.join(lora.target_modules)}"),
-            ("SFT", f"{sft.max_steps} steps, learning rate {sft.learning_rate}, batch "
-                    f"{sft.per_device_train_batch_size} x {sft.gradient_accumulation_steps} accumulation, packed "
-                    f"sequences of {params.sft.seq_length} tokens"),
+            ("SFT", f"{sft.max_steps} steps, learning rate {sft.learning_rate}, "
+                    f"{global_batch(sft, params.launch)} packed sequences of {params.sft.seq_length} tokens a step"),
             ("DPO", f"{dpo.max_steps} steps, beta {params.dpo.beta}, loss {loss_description(params)}, learning "
-                    f"rate {dpo.learning_rate}, batch {dpo.per_device_train_batch_size} x "
-                    f"{dpo.gradient_accumulation_steps} accumulation"),
+                    f"rate {dpo.learning_rate}, {global_batch(dpo, params.launch)} pairs a step"),
             ("length limits", f"prompt <= {params.prepare.max_prompt_length}, prompt + answer <= "
                               f"{params.prepare.max_length} tokens (longer pairs dropped, none truncated)")]
     return "\n## Training settings\n\n| | |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)

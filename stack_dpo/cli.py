@@ -63,11 +63,12 @@ def check(args: argparse.Namespace) -> None:
     params = profile_params(args.profile, Path(args.params)) if args.profile else load_params(args.params)
     source = f"{args.params} + {args.profile}" if args.profile else args.params
     print(f"{source}: valid")
-    check_machine(params)
+    for line in check_machine(params):
+        print(line)
     preflight(params.model, params.sft.lora)
     check_loss_types(params)
     print(f"model {params.model.name_or_path}: found; its tokenizer has EOS; LoRA targets "
-          f"{list(params.sft.lora.target_modules)} found; quantization {params.model.quantization} possible here; "
+          f"{list(params.sft.lora.target_modules)} found; quantization {params.model.quantization}; "
           f"dpo.loss_type {list(params.dpo.loss_type)} known to TRL")
 
 

@@ -8,6 +8,10 @@ names it (and tests/test_compat.py fails), instead of silently taking another co
 - `Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`: loads a checkpoint's
   weights into the model; used to finish a run killed after its last checkpoint, where
   `train(resume_from_checkpoint=...)` would train one step past max_steps.
+- `DPOTrainer._set_signature_columns_if_needed()`: the columns the trainer keeps for its collator;
+  StoredReferenceDPOTrainer adds the `length` column that transformers' length-grouped sampler
+  reads (DPOTrainer would drop it as unused, and its tokenized pairs have no `input_ids` for the
+  sampler to measure).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from stack_dpo.pairs import REFERENCE_COLUMNS
 RELIED_ON = {
     (DPOTrainer, "_precompute_ref_logps"): ["self", "dataset", "name", "batch_size"],
     (Trainer, "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
+    (DPOTrainer, "_set_signature_columns_if_needed"): ["self"],
 }
 
 
@@ -44,7 +49,30 @@ check_private_api()
 
 
 class StoredReferenceDPOTrainer(DPOTrainer):
-    """Reads the reference log-probs stored beside the pairs instead of computing them again."""
+    """Reads the reference log-probs stored beside the pairs instead of computing them again; with
+    `train_sampling_strategy="group_by_length"`, batches pairs of similar length (transformers'
+    LengthGroupedSampler: each pair once, in a random order of groups)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # tokenizes the pairs
+        if self.args.train_sampling_strategy == "group_by_length":
+            self.train_dataset = self._with_lengths(self.train_dataset)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_lengths(self.eval_dataset)
+
+    def _with_lengths(self, dataset):
+        """Each pair's padded length: the collator pads its chosen and rejected sequences to the longest."""
+        def lengths(batch):
+            return {self.args.length_column_name: [
+                len(prompt) + max(len(chosen), len(rejected))
+                for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]}
+
+        return dataset.map(lengths, batched=True, desc="Measuring pair lengths")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.train_sampling_strategy == "group_by_length":
+            self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if set(REFERENCE_COLUMNS) <= set(dataset.column_names):

@@ -12,6 +12,7 @@ from trl import DPOConfig
 
 from stack_dpo import training
 from stack_dpo.compat import StoredReferenceDPOTrainer, trl_loss_types
+from stack_dpo.fit import Plan
 from stack_dpo.modeling import load_adapter_model, load_tokenizer
 from stack_dpo.pairs import load_pairs, with_stored_reference
 from stack_dpo.params import InvalidInput, Params
@@ -40,7 +41,9 @@ def build_trainer(params: Params, config: DPOConfig, checkpoint: Path | None, wi
     )
 
 
-def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
+def dpo_config(params: Params, output_dir: Path, fit: Plan | None = None) -> DPOConfig:
+    """DPOTrainer's settings; without `fit` (the reference stage, which only computes log-probs)
+    the training batch sizes are placeholders."""
     return DPOConfig(
         beta=params.dpo.beta,
         loss_type=list(params.dpo.loss_type),
@@ -48,7 +51,8 @@ def dpo_config(params: Params, output_dir: Path) -> DPOConfig:
         max_length=params.prepare.max_length,  # prepare dropped longer pairs, so nothing is truncated
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=params.reference.batch_size,
-        **training.trainer_kwargs(params.dpo.train, params.model, output_dir, params.track.report_to),
+        train_sampling_strategy="group_by_length" if params.dpo.group_by_length else "random",
+        **training.trainer_kwargs(params.dpo.train, params.model, output_dir, params.track.report_to, fit),
     )
 
 

@@ -59,6 +59,15 @@ class WhitespaceBoundaryWarning(logging.Filter):
         return not (found and not ast.literal_eval(found.group(1)).strip())
 
 
+class HubKernelNotice(logging.Filter):
+    """Drops bitsandbytes' notice, at import on CPUs with AVX512-BF16, that it could not download
+    an inference kernel from the Hub (kernels-community): stages download nothing at run time,
+    and stack_dpo.modeling turns that inference path off, so the kernel would not be used."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 def parse_args() -> None:
     """`python -m stages.<name> --help` prints the stage's docstring and exits; the stage takes
     no arguments (params.yaml holds its settings), so any other argument is an error."""
@@ -74,7 +83,10 @@ def main(run: Callable[[Params], object], distributed: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     # raised inside TRL and PEFT (model.is_gradient_checkpointing), not by anything stack-dpo calls
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # TRL 1.16 deprecates use_liger_kernel for Hub kernels, which a GPU worker without internet cannot download
+    warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
     logging.getLogger("trl.trainer.dpo_trainer").addFilter(WhitespaceBoundaryWarning())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(HubKernelNotice())
     try:
         params = load_params()  # params are validated before any work: nothing is read or written
         launched = "LOCAL_RANK" in os.environ

@@ -33,15 +33,13 @@ def profile_params(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> Para
     return validate(deep_merge(read_yaml(params_file), read_yaml(profile) or {}), f"{params_file} + {profile}")
 
 
-def check_machine(params: Params) -> None:
-    """What this machine must have for `params` (CUDA for 4-bit), checked before an experiment
-    touches the workspace: a 7B profile refused on a CPU must not first replace params.yaml
-    and data/raw and then fail."""
-    if params.model.quantization == "none":
-        return
-    from stack_dpo.modeling import quantization_config  # torch and transformers: only when needed
+def check_machine(params: Params) -> list[str]:
+    """What this machine must have for `params` (stack_dpo.machine: the GPU the profile asks for,
+    memory, access to the base, disk), checked before an experiment touches the workspace: a 7B
+    profile refused on a CPU must not first replace params.yaml and data/raw and then fail."""
+    from stack_dpo.machine import check_machine as check  # torch and transformers: only when needed
 
-    quantization_config(params.model)
+    return check(params)
 
 
 def main() -> None:

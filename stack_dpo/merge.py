@@ -1,37 +1,28 @@
-"""Merging models/dpo into the 16-bit base, with the logit check of the merge and the merge
-gap: the model as trained (the base as configured, NF4 with the 4-bit profile, + the adapter)
-against the merged model as saved, on held-out pairs (PEFT issue 2105: a QLoRA adapter never
-saw the 16-bit weights it is merged into)."""
+"""Merging models/dpo into the 16-bit base, with the check of the merge and the merge gap: the
+model as trained (the base as configured, NF4 with the 4-bit profile, + the adapter) against the
+merged model as saved, on held-out pairs (PEFT issue 2105: a QLoRA adapter never saw the 16-bit
+weights it is merged into)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
-from stack_dpo.modeling import cast_weights, load_adapter_model, load_tokenizer, merged_model, pair_logps
-from stack_dpo.outputs import parquet_files
+from stack_dpo.modeling import load_adapter_model, load_merged, load_tokenizer, merged_model, pair_logps
 from stack_dpo.pairs import load_pairs, load_reference
 from stack_dpo.params import Params
-from stack_dpo.paths import DPO_ADAPTER, DPO_DATA
+from stack_dpo.paths import DPO_ADAPTER
 
 log = logging.getLogger("stack_dpo.merge")
 
 
-def sample_inputs(tokenizer, n: int) -> dict[str, torch.Tensor]:
-    rows = pq.read_table(parquet_files(DPO_DATA / "eval")[0]).slice(0, n).to_pylist()
-    texts = [row["prompt"] + row["chosen"] for row in rows]
-    return tokenizer(texts, return_tensors="pt", padding=True)
-
-
 def merge(params: Params):
-    """Returns (merged model in merge.save_dtype, tokenizer, max |logit difference| against the
-    float32 adapter model)."""
-    tokenizer = load_tokenizer(DPO_ADAPTER)
-    merged, max_diff = merged_model(params.model, DPO_ADAPTER, params.merge.save_dtype,
-                                    check_inputs=sample_inputs(tokenizer, params.merge.check_samples))
-    return merged, tokenizer, max_diff
+    """Returns (merged model in merge.save_dtype on the host, tokenizer, the merge check: max
+    relative difference of a LoRA layer's output merged against unmerged)."""
+    merged, max_diff = merged_model(params.model, DPO_ADAPTER, params.merge.save_dtype)
+    return merged, load_tokenizer(DPO_ADAPTER), max_diff
 
 
 @torch.no_grad()
@@ -48,8 +39,9 @@ def logit_gap(model_a, model_b, tokenizer, texts: list[str], batch_size: int) ->
     return total / max(count, 1), worst
 
 
-def merge_gap(params: Params, merged, tokenizer) -> dict:
-    """The model as trained against the merged model on the first merge.gap_pairs held-out pairs."""
+def merge_gap(params: Params, merged_dir: Path, tokenizer) -> dict:
+    """The model as trained against the merged model as saved in `merged_dir` (loaded as evaluate
+    loads models/merged) on the first merge.gap_pairs held-out pairs."""
     held_out = load_pairs(params)
     pairs, reference = held_out["eval"], load_reference(held_out, ("eval",))["eval"]
     n = min(params.merge.gap_pairs or len(pairs), len(pairs))
@@ -57,7 +49,7 @@ def merge_gap(params: Params, merged, tokenizer) -> dict:
     ref_chosen = torch.tensor(reference["ref_chosen_logps"])
     ref_rejected = torch.tensor(reference["ref_rejected_logps"])
     as_trained = load_adapter_model(params.model, DPO_ADAPTER)  # NF4 + adapter with the 4-bit profile
-    merged = cast_weights(merged, params.model.dtype)  # as evaluate loads models/merged
+    merged = load_merged(merged_dir, params.model)
     batch = params.evaluate.batch_size
     accuracy = {}
     for name, model in (("as_trained", as_trained), ("merged", merged)):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
@@ -41,13 +42,10 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
+    """The recipe's QLoRA quantization (NF4 weights, bf16 compute) or None; bitsandbytes runs it
+    on CUDA and, more slowly, on the CPU (its CPU backend), so the same path runs in tests."""
     if model.quantization == "none":
         return None
-    if not torch.cuda.is_available():
-        raise InvalidInput(
-            "model.quantization = '4bit' needs CUDA (bitsandbytes NF4 kernels), and this machine has no CUDA "
-            "device; set model.quantization: none to train unquantized on the CPU"
-        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -56,11 +54,10 @@ def quantization_config(model: ModelParams) -> BitsAndBytesConfig | None:
 
 
 def preflight(model: ModelParams, lora: LoraParams | None = None) -> None:
-    """What training will need (a model source, CUDA for 4-bit, a tokenizer with EOS, LoRA
-    targets that name modules of the model), checked before a training stage deletes or
-    rewrites anything, checkpoints included."""
+    """What training will need of the model (a model source, a tokenizer with EOS, LoRA targets
+    that name modules of the model), checked before a training stage deletes or rewrites
+    anything, checkpoints included; stack_dpo.machine checks the machine."""
     checked_source(model.name_or_path)
-    quantization_config(model)
     load_tokenizer(model.name_or_path)
     if lora is not None:
         check_lora_targets(model, lora)
@@ -84,20 +81,32 @@ def check_lora_targets(model: ModelParams, lora: LoraParams) -> None:
                            f"expected names of its layers, such as {linear}")
 
 
-def device_map() -> dict | None:
-    # under `accelerate launch` each process holds its own copy on its own GPU
-    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+def device_map(quantized: bool = False) -> dict | None:
+    """Where from_pretrained puts the weights: under `accelerate launch` each process holds its own
+    copy on its own GPU; bitsandbytes quantizes on the CPU only when told to put them there."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"} if quantized else None
 
 
 def load_base_model(model: ModelParams, *, quantized: bool = True, dtype: torch.dtype | None = None):
     """The base model as configured; `quantized=False` always loads the 16/32-bit weights
     (merging needs them: adapters are never merged into a 4-bit model)."""
-    return AutoModelForCausalLM.from_pretrained(
+    quantization = quantization_config(model) if quantized else None
+    loaded = AutoModelForCausalLM.from_pretrained(
         checked_source(model.name_or_path),
         dtype=dtype or DTYPES[model.dtype],
-        quantization_config=quantization_config(model) if quantized else None,
-        device_map=device_map(),
+        quantization_config=quantization,
+        device_map=device_map(quantization is not None),
     )
+    for module in loaded.modules() if quantization is not None else ():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # a bitsandbytes Linear4bit
+            # bitsandbytes' CPU backend repacks a layer's weights in place for a faster kernel the
+            # first time it runs without gradients: evaluation would then use another kernel than
+            # training, and the repacking fails for widths that are not a multiple of the 64-value
+            # block (the tiny model's 352). CUDA never takes that path.
+            module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 def load_adapter_model(model: ModelParams, adapter_dir: str | Path, *, trainable: bool = False, **base_kwargs):
@@ -105,22 +114,45 @@ def load_adapter_model(model: ModelParams, adapter_dir: str | Path, *, trainable
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
+def on_device(model):
+    """`model` on the device the stages compute on (the GPU of this process, or the CPU)."""
+    return model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else model
+
+
+def load_merged(folder: str | Path, model: ModelParams):
+    """A merged model as saved (models/merged), in model.dtype on the device: how evaluate and the
+    merge gap compute with it, so both see one numeric form."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[model.dtype], device_map=device_map())
+
+
+MERGE_PROBES = 8  # random inputs per LoRA layer for the merge check
+
+
 @torch.no_grad()
-def merged_model(model: ModelParams, adapter_dir: str | Path, save_dtype: str, check_inputs: dict | None = None):
-    """(base + adapter merged, max |merged - adapter model| logit difference on `check_inputs`
-    or None): the unquantized base loaded in float32 (never 4-bit), the adapter merged in full
-    precision and the result cast to `save_dtype`, the numeric form merge saves as
-    models/merged. evaluate builds the SFT reference the same way, so the two models it
-    compares are in one form."""
-    adapter_model = load_adapter_model(model, adapter_dir, quantized=False, dtype=torch.float32)
-    adapter_model.eval()
-    if check_inputs is not None:
-        check_inputs = {key: value.to(adapter_model.device) for key, value in check_inputs.items()}
-        mask = check_inputs["attention_mask"].bool()
-        before = adapter_model(**check_inputs).logits[mask]
-    merged = adapter_model.merge_and_unload()
-    diff = (merged(**check_inputs).logits[mask] - before).abs().max().item() if check_inputs is not None else None
-    return cast_weights(merged, save_dtype), diff
+def merged_model(model: ModelParams, adapter_dir: str | Path, save_dtype: str):
+    """(base + adapter merged in `save_dtype`, on the host; the merge check: max relative
+    difference of a LoRA layer's output merged against unmerged).
+
+    The base is loaded in the dtype it is stored in (never 4-bit), on the host, and merged one
+    LoRA layer at a time by PEFT in float32: that layer's weight is upcast, the adapter's delta
+    added, the result cast to `save_dtype` (every other weight is cast directly). So no float32
+    copy of the model is ever held (7B: 13.5 GB of host memory for the float16 base, not 27 GB
+    in float32 on a GPU), and the saved weights equal a float32 merge cast to `save_dtype`,
+    bit for bit. The check compares each layer with itself unmerged, in float32, on random
+    inputs: a layer is a linear map, so any merge error shows."""
+    base = AutoModelForCausalLM.from_pretrained(checked_source(model.name_or_path), dtype="auto")
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for layer in [module for module in adapted.modules() if isinstance(module, LoraLayer)]:
+        weight = layer.get_base_layer().weight
+        weight.data = weight.data.float()
+        probes = torch.randn(MERGE_PROBES, layer.in_features, generator=generator)
+        unmerged = layer(probes)
+        layer.merge(safe_merge=True)
+        worst = max(worst, ((layer(probes) - unmerged).abs().max() / unmerged.abs().max()).item())
+        weight.data = weight.data.to(DTYPES[save_dtype])
+    return cast_weights(adapted.unload(), save_dtype), worst
 
 
 def cast_weights(model, dtype: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from stack_dpo.outputs import load_splits
-from stack_dpo.params import InvalidInput, Params
+from stack_dpo.params import InvalidInput, Params, global_batch
 from stack_dpo.paths import DPO_DATA, REFERENCE, SFT_ADAPTER
 
 REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
@@ -25,9 +25,7 @@ FINGERPRINT_FILE = REFERENCE / "fingerprint.json"
 
 def training_pairs(params: Params) -> int:
     """How many pairs the DPO run trains on: steps x the global batch (each pair once)."""
-    train = params.dpo.train
-    return (train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
-            * params.launch.num_processes)
+    return params.dpo.train.max_steps * global_batch(params.dpo.train, params.launch)
 
 
 def load_pairs(params: Params) -> DatasetDict:

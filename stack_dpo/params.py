@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -79,24 +80,61 @@ class LoraParams(Section):
     target_modules: list[str] = Field(min_length=1)
 
 
+AUTO = "auto"
+
+
+def _count_or_auto(value):
+    if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError("expected a whole number above 0, or 'auto'")
+
+
+def _switch_or_auto(value):
+    if value == AUTO or isinstance(value, bool):
+        return value
+    raise ValueError("expected true, false or 'auto'")
+
+
+# one error per key (a union would report each of its branches)
+CountOrAuto = Annotated[int | Literal["auto"], PlainValidator(_count_or_auto)]
+SwitchOrAuto = Annotated[bool | Literal["auto"], PlainValidator(_switch_or_auto)]
+
+
 class TrainingParams(Section):
-    """The transformers.TrainingArguments both trainers share."""
+    """The transformers.TrainingArguments both trainers share. With per_device_train_batch_size
+    `auto`, stack_dpo.fit chooses the micro-batch, the accumulation and (when `auto`) gradient
+    checkpointing for the device's memory, keeping the global batch at global_batch_size."""
 
     learning_rate: float = Field(gt=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: StrictInt = Field(0, ge=0)
     max_steps: StrictInt = Field(gt=0)
-    per_device_train_batch_size: StrictInt = Field(gt=0)
+    per_device_train_batch_size: CountOrAuto
     per_device_eval_batch_size: StrictInt = Field(gt=0)
-    gradient_accumulation_steps: StrictInt = Field(1, gt=0)
+    gradient_accumulation_steps: CountOrAuto = 1
+    global_batch_size: StrictInt | None = Field(None, gt=0)  # with `auto` sizes: examples per step, all processes
     weight_decay: float = Field(0.0, ge=0)
     optim: str = "adamw_torch"
-    gradient_checkpointing: StrictBool = False
+    gradient_checkpointing: SwitchOrAuto = False
+    use_liger_kernel: StrictBool = False  # Liger's Triton RMSNorm, RoPE and SwiGLU (CUDA only)
     logging_steps: StrictInt = Field(gt=0)
     eval_steps: StrictInt = Field(gt=0)
     save_steps: StrictInt = Field(gt=0)
     save_total_limit: StrictInt = Field(2, gt=0)
     seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _auto_sizes_together(self):
+        auto = [self.per_device_train_batch_size == AUTO, self.gradient_accumulation_steps == AUTO]
+        if any(auto) and not all(auto):
+            raise ValueError("per_device_train_batch_size and gradient_accumulation_steps are `auto` together (the "
+                             "fit chooses both) or both numbers")
+        if all(auto) and self.global_batch_size is None:
+            raise ValueError("with `auto` batch sizes, global_batch_size (examples per optimizer step) is required")
+        if not any(auto) and self.global_batch_size is not None:
+            raise ValueError("global_batch_size is for `auto` batch sizes; with numbers the global batch is "
+                             "per_device_train_batch_size x gradient_accumulation_steps x launch.num_processes")
+        return self
 
 
 class SftParams(Section):
@@ -109,6 +147,7 @@ class SftParams(Section):
 
 class DpoParams(Section):
     beta: float = Field(gt=0)
+    group_by_length: StrictBool = True  # batches of pairs of similar length (less padding; each pair once)
     # TRL's DPO losses (sigmoid is the recipe's); several are combined with loss_weights. The
     # dpo stage checks the names against the installed TRL.
     loss_type: list[str] = Field(["sigmoid"], min_length=1)
@@ -133,17 +172,19 @@ class ReferenceParams(Section):
 
 
 class LaunchParams(Section):
-    """How sft and dpo are launched: more than one process runs them under `accelerate launch`."""
+    """Where the model stages run, and how sft and dpo are launched: more than one process runs
+    them under `accelerate launch`."""
 
     num_processes: StrictInt = Field(1, gt=0)
     config_file: str | None = None  # an accelerate config file (FSDP, DeepSpeed); None: plain DDP
+    device: Literal["auto", "cuda"] = "auto"  # cuda: refuse to start without a CUDA GPU
+    max_memory_gib: float | None = Field(None, gt=0)  # memory a process may use on its device; None: all free
 
 
 class MergeParams(Section):
     save_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     max_shard_size: str = Field("5GB", pattern=r"^\d+(KB|MB|GB)$")
-    atol: float = Field(gt=0)
-    check_samples: StrictInt = Field(gt=0)
+    rtol: float = Field(1e-4, gt=0)
     gap_pairs: StrictInt | None = Field(None, gt=0)
 
 
@@ -185,6 +226,21 @@ class Params(Section):
     push: PushParams
     track: TrackParams = TrackParams()
 
+    @model_validator(mode="after")
+    def _global_batch_splits_over_processes(self):
+        for name, train in (("sft", self.sft.train), ("dpo", self.dpo.train)):
+            if train.global_batch_size is not None and train.global_batch_size % self.launch.num_processes:
+                raise ValueError(f"{name}.train.global_batch_size = {train.global_batch_size} does not split over "
+                                 f"launch.num_processes = {self.launch.num_processes}; expected a multiple of it")
+        return self
+
+
+def global_batch(train: TrainingParams, launch: LaunchParams) -> int:
+    """Examples per optimizer step over all processes."""
+    if train.global_batch_size is not None:
+        return train.global_batch_size
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps * launch.num_processes
+
 
 class InvalidInput(ValueError):
     """Bad params or data: rerunning cannot fix it, so orchestrators must not retry."""
@@ -202,6 +258,8 @@ def _describe(errors: list[dict[str, Any]], source: str) -> str:
             lines.append(f"  {key}: unknown key (allowed keys are those in params.yaml's schema, stack_dpo/params.py)")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif isinstance(err.get("input"), dict):  # a rule across keys (a model validator): the section is the input
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
     return "\n".join(lines)

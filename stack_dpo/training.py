@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 from dvclive import Live
-from transformers import TrainerState
+from transformers import AutoConfig, TrainerState
 from transformers.integrations import DVCLiveCallback
 
 from stack_dpo import layout
 from stack_dpo.compat import load_checkpoint_weights
+from stack_dpo.fit import GIB, Plan, model_shape, plan
+from stack_dpo.modeling import checked_source
 from stack_dpo.outputs import atomic_dir, write_json_atomic
-from stack_dpo.params import InvalidInput, ModelParams, TrainingParams
+from stack_dpo.params import InvalidInput, ModelParams, Params, TrainingParams
 from stack_dpo.paths import DVCLIVE
 
 FINGERPRINT = "inputs.sha256"
@@ -90,19 +92,53 @@ def check_trackers(report_to: list[str]) -> None:
                            f"`pip install {' '.join(missing)}`, or leave it out (dvclive records the run anyway)")
 
 
-def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path,
-                   report_to: list[str] | tuple = ()) -> dict:
-    """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments)."""
+def check_kernels(stage: str, train: TrainingParams) -> None:
+    """Liger's kernels are Triton kernels: a CUDA GPU and liger-kernel, checked before any work."""
+    if not train.use_liger_kernel:
+        return
+    if not torch.cuda.is_available():
+        raise InvalidInput(f"{stage}.train.use_liger_kernel = true: Liger's Triton kernels run on CUDA GPUs only, and "
+                           "this machine has none; set it to false")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise InvalidInput(f"{stage}.train.use_liger_kernel = true: liger-kernel is not installed "
+                           "(`pip install -c constraints.txt liger-kernel`)")
+
+
+def fitted(stage: str, train: TrainingParams, params: Params, sequence_tokens: int) -> Plan:
+    """The micro-batch, accumulation and checkpointing of a training stage on this device
+    (stack_dpo.fit), logged; with launch.max_memory_gib on a GPU, the allocator is held to it,
+    so a plan that does not fit fails at once instead of using memory it was not given."""
+    config = AutoConfig.from_pretrained(checked_source(params.model.name_or_path))
+    chosen = plan(stage, train, params.launch, params.model, model_shape(config, params.sft.lora), sequence_tokens)
+    if params.launch.max_memory_gib is not None and torch.cuda.is_available():
+        device = int(os.environ.get("LOCAL_RANK", 0))
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(params.launch.max_memory_gib * GIB / total, 1.0), device)
+    log.info("%s: micro-batch %d x accumulation %d%s, activation checkpointing %s: about %.1f GiB of %.1f GiB (%s)",
+             stage, chosen.micro_batch, chosen.accumulation,
+             f" x {params.launch.num_processes} processes" if params.launch.num_processes > 1 else "",
+             "on" if chosen.checkpointing else "off", chosen.estimated_gib, chosen.budget_gib, chosen.budget)
+    return chosen
+
+
+def trainer_kwargs(train: TrainingParams, model: ModelParams, output_dir: Path, report_to: list[str] | tuple = (),
+                   fit: Plan | None = None) -> dict:
+    """Keyword arguments for SFTConfig / DPOConfig (both are transformers.TrainingArguments), with
+    the batch sizes and checkpointing of `fit` (None: a trainer that only evaluates)."""
     on_gpu = torch.cuda.is_available()
-    named = train.model_dump()  # the schema's fields are named as TrainingArguments names them,
-    # but for the recipe's `gradient_checkpointing`, which transformers 5 calls (and warns about as)
-    named["activation_checkpointing"] = named.pop("gradient_checkpointing")
+    named = train.model_dump(exclude={"global_batch_size"})  # the schema's fields are named as
+    # TrainingArguments names them, but for the recipe's `gradient_checkpointing`, which transformers 5
+    # calls (and warns about as) activation_checkpointing
+    named.pop("gradient_checkpointing")
+    named.update(per_device_train_batch_size=fit.micro_batch if fit else 1,
+                 gradient_accumulation_steps=fit.accumulation if fit else 1,
+                 activation_checkpointing=fit.checkpointing if fit else False)
     return dict(
         **named,
         output_dir=str(output_dir),
         eval_strategy="steps",
         save_strategy="steps",
-        bf16=on_gpu and (model.dtype == "bfloat16" or model.quantization == "4bit"),
+        bf16=model.dtype == "bfloat16" or model.quantization == "4bit",  # the CPU has bf16 autocast too
         fp16=on_gpu and model.dtype == "float16",
         report_to=list(report_to) or "none",  # dvclive is attached below with its folder set per stage
         disable_tqdm=False,  # progress bars on stderr

@@ -10,8 +10,8 @@ log pi_sft(chosen) > log pi_sft(rejected) (baseline/sft_accuracy); ties count ha
 
 Both models are in one numeric form: the reference is the SFT adapter merged into the same
 16-bit base the way merge built models/merged (never the NF4 base of a 4-bit run against the
-merged 16-bit model), so an untrained DPO adapter scores rewards of exactly 0. They are loaded
-one after the other, so only one is in memory at a time.
+merged 16-bit model), so an untrained DPO adapter scores rewards of exactly 0. Both compute in
+model.dtype on the device, one after the other: only one is there at a time (7B in bf16: 13.5 GB).
 
     python -m stages.evaluate     (or: dvc repro evaluate)
 """
@@ -21,11 +21,9 @@ from __future__ import annotations
 import gc
 import logging
 
-from transformers import AutoModelForCausalLM
-
 from stack_dpo.entrypoint import main
 from stack_dpo.evaluate import baselines, distinct_samples, generate, report, wilson_interval
-from stack_dpo.modeling import DTYPES, cast_weights, device_map, load_tokenizer, merged_model, pair_logps
+from stack_dpo.modeling import cast_weights, load_merged, load_tokenizer, merged_model, on_device, pair_logps
 from stack_dpo.outputs import load_splits, write_json_atomic, write_text_atomic
 from stack_dpo.params import Params
 from stack_dpo.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
@@ -42,14 +40,14 @@ def run(params: Params) -> dict:
     batch = params.evaluate.batch_size
     tokenizer = load_tokenizer(MERGED)
 
-    reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)
-    reference = cast_weights(reference, params.model.dtype)  # as models/merged is loaded below
+    reference, _ = merged_model(params.model, SFT_ADAPTER, params.merge.save_dtype)  # on the host
+    reference = on_device(cast_weights(reference, params.model.dtype))  # as models/merged is loaded below
     ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, batch, desc="SFT model")
     sft_texts = generate(reference, tokenizer, prompts, params.evaluate.max_new_tokens)
     del reference
     gc.collect()
 
-    final = AutoModelForCausalLM.from_pretrained(MERGED, dtype=DTYPES[params.model.dtype], device_map=device_map())
+    final = load_merged(MERGED, params.model)
     chosen, rejected = pair_logps(final, tokenizer, pairs, batch, desc="final model")
     final_texts = generate(final, tokenizer, prompts, params.evaluate.max_new_tokens)
 

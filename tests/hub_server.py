@@ -70,9 +70,11 @@ class HubError(Exception):
 
 
 class FakeHub:
-    def __init__(self, tokens: dict[str, str], orgs: dict[str, list[str]] | None = None):
+    def __init__(self, tokens: dict[str, str], orgs: dict[str, list[str]] | None = None,
+                 gated: dict[str, set[str]] | None = None):
         self.tokens = tokens  # token -> user name
         self.orgs = orgs or {}  # user -> organizations they can write to
+        self.gated = gated or {}  # gated model repo -> users whose access request was accepted
         self.repos: dict[str, Repo] = {}
         self.commits: dict[str, Commit] = {}
         self.lfs: dict[str, bytes] = {}
@@ -206,6 +208,15 @@ class FakeHub:
                 private = body.get("visibility") == "private" or body.get("private") is True  # 2.x sends visibility
                 hub.repos[repo_id] = Repo(repo_id, private, {"main": initial.oid})
                 return h._json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            if method == "GET" and (m := re.fullmatch(rf"/api/models/{repo_path}/auth-check", path)):
+                user = h._user()
+                if m["repo"] in hub.gated:  # the Hub's answer to a gated repo without access: 403 GatedRepo
+                    if user not in hub.gated[m["repo"]]:
+                        raise HubError(403, "GatedRepo", f"Access to model {m['repo']} is restricted. You must have "
+                                                         "access to it and be authenticated to access it.")
+                    return h._json({})
+                hub._repo(m["repo"], user)  # 404 RepoNotFound unless the user can see it
+                return h._json({})
             if method == "POST" and path == "/api/validate-yaml":
                 h._user()
                 content = json.loads(h._body())["content"]

@@ -18,7 +18,7 @@ import torch
 
 from stack_dpo.dataset import RAW_SCHEMA
 from stack_dpo.faults import NO_SPACE_EXIT
-from stack_dpo.modeling import load_base_model, load_tokenizer
+from stack_dpo.modeling import load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
 from tests.conftest import REPO, inside, make_workspace, subprocess_env
@@ -126,13 +126,16 @@ def test_tokenizer_without_pad_token_pads_with_eos():
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
 
 
-def test_4bit_without_cuda_is_a_clear_error(monkeypatch):
-    from stack_dpo.params import ModelParams
+def test_a_run_that_asks_for_a_gpu_on_a_machine_without_one_is_a_clear_error(workspace, monkeypatch):
+    from stack_dpo.machine import check_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU hosts too
-    model = ModelParams(name_or_path=str(REPO / "data/sample/tiny-llama"), quantization="4bit")
-    with pytest.raises(InvalidInput, match="needs CUDA .* set model.quantization: none"):
-        load_base_model(model)
+    with inside(workspace) as params:
+        on_gpu = params.model_copy(update={"launch": params.launch.model_copy(update={"device": "cuda"})})
+        check_machine(params)  # launch.device: auto runs here
+        with pytest.raises(InvalidInput, match=r"launch.device = 'cuda': this machine has no CUDA GPU .* set "
+                                               "launch.device: auto to run on the CPU"):
+            check_machine(on_gpu)
 
 
 def test_more_processes_than_devices_is_refused_before_any_work(tmp_path):
@@ -158,10 +161,10 @@ def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tm
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were(trained, tmp_path, monkeypatch, stage):
+def test_a_refused_run_leaves_the_checkpoints_as_they_were(trained, tmp_path, monkeypatch, stage):
     from stages import dpo, sft
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine: 4-bit is refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine: a GPU run is refused
     ws = tmp_path / "ws"
     shutil.copytree(trained, ws, symlinks=True)
 
@@ -171,9 +174,10 @@ def test_a_refused_4bit_run_leaves_the_checkpoints_as_they_were(trained, tmp_pat
     before = snapshot()
     assert any(f"checkpoints/{stage}/checkpoint-" in str(p) for p in before)
     with inside(ws) as params:
-        qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
-        with pytest.raises(InvalidInput, match="needs CUDA"):
-            {"sft": sft, "dpo": dpo}[stage].run(qlora)
+        on_gpu = params.model_copy(update={"launch": params.launch.model_copy(update={"device": "cuda"}),
+                                           "model": params.model.model_copy(update={"quantization": "4bit"})})
+        with pytest.raises(InvalidInput, match="launch.device = 'cuda': this machine has no CUDA GPU"):
+            {"sft": sft, "dpo": dpo}[stage].run(on_gpu)
     assert snapshot() == before
 
 

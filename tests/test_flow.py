@@ -52,7 +52,7 @@ def test_invalid_overrides_fail_before_any_stage(harness, tmp_path, monkeypatch)
     repo = make_clone(tmp_path)
     before = (repo / "params.yaml").read_text()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU hosts too
-    with pytest.raises(InvalidInput, match="model.quantization = '4bit' needs CUDA"):
+    with pytest.raises(InvalidInput, match="launch.device = 'cuda': this machine has no CUDA GPU"):
         pipeline(profile="profiles/llama2-7b.yaml", workdir=str(repo))
     with pytest.raises(ParamsError, match=r"dpo\.beta = -1: Input should be greater than 0"):
         pipeline(overrides={"dpo": {"beta": -1}}, workdir=str(repo))

@@ -32,7 +32,7 @@ def test_unknown_key_is_rejected_by_name():
         ({"sft": {"train": {"per_device_train_batch_size": 0}}}, r"per_device_train_batch_size = 0"),
         ({"fetch": {"max_rows": {"rl": "many"}}}, r"fetch\.max_rows\.rl = 'many': Input should be a valid integer"),
         ({"dpo": {"beta": float("inf")}}, r"dpo\.beta = inf: Input should be a finite number"),
-        ({"merge": {"atol": float("nan")}}, r"merge\.atol = nan: Input should be a finite number"),
+        ({"merge": {"rtol": float("nan")}}, r"merge\.rtol = nan: Input should be a finite number"),
         ({"dpo": {"train": {"learning_rate": "-inf"}}}, r"learning_rate = .-inf.: Input should be a finite"),
         ({"fetch": {"max_rows": {"finetune": True}}}, r"fetch\.max_rows\.finetune = True: Input should be a valid int"),
         ({"sft": {"train": {"max_steps": 8.0}}}, r"sft\.train\.max_steps = 8\.0: Input should be a valid integer"),
@@ -139,6 +139,6 @@ def test_the_full_profile_on_a_machine_without_cuda_fails_before_touching_the_wo
     result = subprocess.run([sys.executable, "-m", "stack_dpo.experiment", "--profile", "profiles/llama2-7b.yaml",
                              "--run-exp", "llama2-7b"], cwd=repo, capture_output=True, text=True,
                             env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=60)
-    assert result.returncode == 1 and "model.quantization = '4bit' needs CUDA" in result.stderr
+    assert result.returncode == 1 and "launch.device = 'cuda': this machine has no CUDA GPU" in result.stderr
     assert (repo / "params.yaml").read_bytes() == before and not (repo / "data/raw").exists()
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stack_dpo import pairs
+from stack_dpo import sft as sft_trainer
 from stack_dpo.evaluate import baselines, preference_accuracy, wilson_interval
 from stack_dpo.params import InvalidInput
 from stack_dpo.push import unvetted_note, unvetted_reasons
@@ -98,9 +99,14 @@ def test_an_untrained_dpo_adapter_scores_exactly_zero(trained, tmp_path):
 
 
 def test_evaluate_never_loads_a_4bit_model(trained, tmp_path, monkeypatch):
-    """With the 4-bit profile and no CUDA (patched), any 4-bit load fails: evaluate succeeding
-    shows that both models it compares are the 16-bit merged form, with the same metrics."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    """With the 4-bit profile, any 4-bit load fails (patched): evaluate succeeding shows that
+    both models it compares are the 16-bit merged form, with the same metrics."""
+    from stack_dpo import modeling
+
+    def no_4bit(model):
+        raise AssertionError("a 4-bit model was asked for")
+
+    monkeypatch.setattr(modeling, "quantization_config", no_4bit)
     ws = copy_of(trained, tmp_path)
     with inside(ws) as params:
         qlora = params.model_copy(update={"model": params.model.model_copy(update={"quantization": "4bit"})})
@@ -182,7 +188,7 @@ def test_sft_drops_identical_texts_and_shuffles_before_packing(tmp_path, monkeyp
             seen.append(kwargs["train_dataset"]["text"])
             raise Stop
 
-        monkeypatch.setattr(sft, "SFTTrainer", recording_trainer)
+        monkeypatch.setattr(sft_trainer, "SFTTrainer", recording_trainer)
         for _ in range(2):
             with pytest.raises(Stop):
                 sft.run(params)
