@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+from stack_dpo.entrypoint import HubKernelNotice
 from stack_dpo.params import PARAMS_FILE, InvalidInput
 from stack_dpo.paths import MERGED
 
@@ -170,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(HubKernelNotice())  # before any model import
     args = parser().parse_args(argv)
     try:
         args.run(args)

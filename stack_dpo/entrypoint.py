@@ -62,7 +62,8 @@ class WhitespaceBoundaryWarning(logging.Filter):
 class HubKernelNotice(logging.Filter):
     """Drops bitsandbytes' notice, at import on CPUs with AVX512-BF16, that it could not download
     an inference kernel from the Hub (kernels-community): stages download nothing at run time,
-    and stack_dpo.modeling turns that inference path off, so the kernel would not be used."""
+    and stack_dpo.modeling turns that inference path off, so the kernel would not be used.
+    Installed before anything imports bitsandbytes: by stages/__init__.py and by `stack-dpo`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
@@ -86,7 +87,6 @@ def main(run: Callable[[Params], object], distributed: bool = False) -> None:
     # TRL 1.16 deprecates use_liger_kernel for Hub kernels, which a GPU worker without internet cannot download
     warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
     logging.getLogger("trl.trainer.dpo_trainer").addFilter(WhitespaceBoundaryWarning())
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(HubKernelNotice())
     try:
         params = load_params()  # params are validated before any work: nothing is read or written
         launched = "LOCAL_RANK" in os.environ

@@ -1,5 +1,9 @@
 """Model and tokenizer loading shared by the stages: one place that knows about dtypes,
-4-bit quantization, devices and the tokenizer's missing pad token."""
+4-bit quantization, devices and the tokenizer's missing pad token.
+
+PEFT is imported where it is used, not here: importing it imports bitsandbytes, which at import
+logs a notice the stages filter (stack_dpo.entrypoint) only once they run, and prepare (which
+needs only the tokenizer) has no use for either."""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
@@ -110,6 +112,8 @@ def load_base_model(model: ModelParams, *, quantized: bool = True, dtype: torch.
 
 
 def load_adapter_model(model: ModelParams, adapter_dir: str | Path, *, trainable: bool = False, **base_kwargs):
+    from peft import PeftModel
+
     base = load_base_model(model, **base_kwargs)
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
@@ -140,6 +144,9 @@ def merged_model(model: ModelParams, adapter_dir: str | Path, save_dtype: str):
     in float32 on a GPU), and the saved weights equal a float32 merge cast to `save_dtype`,
     bit for bit. The check compares each layer with itself unmerged, in float32, on random
     inputs: a layer is a linear map, so any merge error shows."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
     base = AutoModelForCausalLM.from_pretrained(checked_source(model.name_or_path), dtype="auto")
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     generator = torch.Generator().manual_seed(0)
@@ -164,7 +171,9 @@ def cast_weights(model, dtype: str):
     return model
 
 
-def lora_config(lora: LoraParams) -> LoraConfig:
+def lora_config(lora: LoraParams):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -1,12 +1,14 @@
 """The benchmarks' own pieces: synthetic data in the dataset's exact schema and layout, and the
 pipeline reading it like the Hub dataset."""
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from bench.data import make_mirror, project_workspace
 from stack_dpo.dataset import RAW_SCHEMA
@@ -64,3 +66,22 @@ def test_the_benchmarks_memory_figure_is_the_peak_of_the_whole_process_tree(tmp_
     measured = run([sys.executable, "-c", parent], tmp_path)
     mib = measured.peak_rss / (1 << 20)
     assert 320 <= mib < 320 + 100, f"{mib:.0f} MiB"  # two interpreters add some tens of MiB
+
+
+@pytest.mark.slow
+def test_the_gpu_acceptance_run_runs_the_stages_on_the_tiny_model_without_a_gpu(tmp_path):
+    """`python -m bench.gpu_check --tiny`: the acceptance run's own code, on the CPU (Liger and the
+    24 GiB cap, GPU things, are left out there); on a GPU the same code runs the 7B shape."""
+    out = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--tiny", "--workdir", str(tmp_path),
+                             "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    assert [name for name, run in runs.items() if isinstance(run, dict)] == ["sft", "reference", "dpo", "merge"]
+    assert not [name for name, run in runs.items() if isinstance(run, dict) and ("failed" in run or "skipped" in run)]
+    sft, dpo, merge = runs["sft"], runs["dpo"], runs["merge"]
+    assert sft["steady_steps"] == 5 and sft["tokens_per_s"] > 0  # steps 4-8 of 8
+    assert sft["metrics"]["fit"]["micro_batch"] * sft["metrics"]["fit"]["accumulation"] == 8
+    assert dpo["steady_steps"] == 4 and dpo["examples_per_s"] > 0 and dpo["metrics"]["start_check"]["loss"] > 0
+    assert merge["metrics"]["gap/pairs"] == 8 and merge["metrics"]["max_layer_diff"] <= 1e-4
+    assert "| sft | 8 x 1 |" in result.stdout and "| merge |" in result.stdout
