@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint bench mutants exp-full sample-data tiny-model
+.PHONY: install run test lint bench mutants exp-full gpu-check sample-data tiny-model
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench: $(STAMP)  ## every benchmark (about 55 min on 2 CPUs; bench.gpu only wher
 	python -m bench.pipeline
 	python -m bench.data
 	python -m bench.gpu
+
+gpu-check: $(STAMP)  ## the GPU acceptance run: the stages at Llama-2-7B's shape on one GPU (about 8 min)
+	python -m bench.gpu_check
 
 exp-full: $(STAMP)  ## the recipe's full-scale profile (Llama-2-7B, QLoRA) as the DVC experiment llama2-7b
 	python -m stack_dpo.experiment --profile profiles/llama2-7b.yaml --run-exp llama2-7b
