@@ -105,15 +105,36 @@ def estimate_bytes(shape: ModelShape, model: ModelParams, tokens: int, checkpoin
 
 
 def budget(launch: LaunchParams) -> tuple[float, str]:
-    """(bytes one process may use, where that figure comes from)."""
+    """(bytes one process may use, where that figure comes from); under `accelerate launch` the
+    smallest over the processes, so that all of them take the same plan."""
     if launch.max_memory_gib is not None:
         return launch.max_memory_gib * GIB, "launch.max_memory_gib"
     if torch.cuda.is_available():  # each process has a GPU of its own (entrypoint checks the count)
         device = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
+        free = smallest_over_processes(torch.cuda.mem_get_info(device)[0])
+        return free, f"free memory of {torch.cuda.get_device_name(device)}"
     import psutil
 
-    return psutil.virtual_memory().available / launch.num_processes, "available host memory"
+    return smallest_over_processes(psutil.virtual_memory().available / launch.num_processes), "available host memory"
+
+
+def smallest_over_processes(value: float) -> float:
+    """The smallest `value` of the processes of an `accelerate launch` (the value itself alone):
+    processes that chose different accumulations would wait on each other's gradients forever.
+    It joins the process group the launcher described, with the backend accelerate would choose
+    (NCCL on GPUs, gloo on CPUs); the trainer then finds it there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return value
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    tensor = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.item()
 
 
 def plan(stage: str, train: TrainingParams, launch: LaunchParams, model: ModelParams, shape: ModelShape,

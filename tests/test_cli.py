@@ -60,6 +60,8 @@ def test_check_runs_the_preflight_and_names_what_is_wrong(tmp_path):
     repo = make_clone(tmp_path / "repo")
     done = cli(repo, "check")
     assert done.returncode == 0 and "params.yaml: valid" in done.stdout, done.stderr
+    assert "sft: micro-batch 8 x accumulation 1, activation checkpointing off" in done.stdout  # the fit, said
+    assert "disk: " in done.stdout and "GiB free for models/merged" in done.stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["sft"]["lora"]["target_modules"] = ["q_proj", "v_prj"]
     params["dpo"]["loss_type"] = "ipo"

@@ -69,3 +69,29 @@ def test_shipped_accelerate_configs_parse(name, kind):
 
     config = load_config_from_file(str(REPO / "deploy/accelerate" / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.num_machines == 1
+
+
+AGREE = """
+import os, json
+from stack_dpo.fit import smallest_over_processes
+mine = 1000.0 + 7 * int(os.environ["RANK"])  # each process measured another budget
+agreed = smallest_over_processes(mine)
+from transformers import TrainingArguments  # the trainer's process group is the one the fit joined
+args = TrainingArguments(output_dir=os.environ["OUT"], use_cpu=True)
+print("AGREED " + json.dumps({"rank": int(os.environ["RANK"]), "agreed": agreed, "world": args.world_size}))
+"""
+
+
+def test_processes_of_a_launch_plan_for_the_same_budget(tmp_path):
+    """Processes that fitted different batches would hang on each other's gradients: they agree on
+    the smallest budget, and the trainer then uses the process group the fit joined."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--dynamo_backend", "no", "--multi_gpu", "--mixed_precision", "no", str(script)]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES=""),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = sorted((json.loads(line.removeprefix("AGREED ")) for line in result.stdout.splitlines()
+                    if line.startswith("AGREED ")), key=lambda r: r["rank"])
+    assert found == [{"rank": 0, "agreed": 1000.0, "world": 2}, {"rank": 1, "agreed": 1000.0, "world": 2}]
