@@ -166,10 +166,12 @@ def ensure_gpu_limit(slots: int) -> None:
 
 def params_with_overrides(checkout: Path, overrides: dict) -> str:
     """The checkout's params.yaml with `overrides` merged in (comments kept), validated with the
-    stages' schema and checked against this machine (CUDA for 4-bit): invalid params fail here,
-    before any stage or workspace."""
+    stages' schema and checked against this machine (a GPU where the params ask for one, access to
+    the base, disk): invalid params fail here, before any stage or workspace. The flow's process
+    stays off the GPU (no CUDA context held beside the stages); each GPU stage checks it first."""
     original = (checkout / PARAMS_FILE).read_text()
-    check_machine(validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides"))
+    params = validate(deep_merge(read_yaml(checkout / PARAMS_FILE), overrides), f"{PARAMS_FILE} + flow overrides")
+    check_machine(params, probe_gpu=False)
     if not overrides:
         return original
     rt = YAML()

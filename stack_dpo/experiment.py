@@ -33,13 +33,13 @@ def profile_params(profile: Path, params_file: Path = Path(PARAMS_FILE)) -> Para
     return validate(deep_merge(read_yaml(params_file), read_yaml(profile) or {}), f"{params_file} + {profile}")
 
 
-def check_machine(params: Params) -> list[str]:
+def check_machine(params: Params, probe_gpu: bool = True) -> list[str]:
     """What this machine must have for `params` (stack_dpo.machine: the GPU the profile asks for,
     memory, access to the base, disk), checked before an experiment touches the workspace: a 7B
     profile refused on a CPU must not first replace params.yaml and data/raw and then fail."""
     from stack_dpo.machine import check_machine as check  # torch and transformers: only when needed
 
-    return check(params)
+    return check(params, probe_gpu)
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ def check_gpu(params: Params, device: int) -> list[str]:
                                f"{NF4_MAX_ERROR}): bitsandbytes does not work on this GPU or install")
             else:
                 found.append(f"NF4 matrix product on the GPU: relative error {error:.1e}")
+            torch.cuda.empty_cache()  # the product's memory back to the GPU, for the fit to see
     if any(t.use_liger_kernel for t in (params.sft.train, params.dpo.train)) and capability < TRITON_MIN_CAPABILITY:
         missing.append(f"{name} (compute capability {capability[0]}.{capability[1]}) is older than Triton's kernels "
                        f"(Liger) support ({TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}); set "
@@ -124,15 +125,20 @@ def check_disk(params: Params, shape) -> list[str]:
     return [f"disk: {free / GIB:.1f} GiB free for models/merged (about {need / GIB:.1f} GiB)"]
 
 
-def check_machine(params: Params) -> list[str]:
-    """Everything above for `params`; returns what was found (`stack-dpo check` prints it)."""
+def check_machine(params: Params, probe_gpu: bool = True) -> list[str]:
+    """Everything above for `params`; returns what was found (`stack-dpo check` prints it). Without
+    `probe_gpu` a GPU is not touched (no CUDA context in a long-lived process such as a Prefect
+    flow's: the GPU stages check it themselves before work)."""
     from transformers import AutoConfig
 
     if params.launch.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("launch.device = 'cuda': this machine has no CUDA GPU (torch.cuda.is_available() is "
                            "False); run on a GPU worker, or set launch.device: auto to run on the CPU")
     found = check_hub_access(params.model.name_or_path)
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available()
+    if on_gpu and probe_gpu:
         found += check_gpu(params, int(os.environ.get("LOCAL_RANK", 0)))
     shape = model_shape(AutoConfig.from_pretrained(checked_source(params.model.name_or_path)), params.sft.lora)
-    return found + check_memory(params, shape) + check_disk(params, shape)
+    if probe_gpu or not on_gpu:
+        found += check_memory(params, shape)
+    return found + check_disk(params, shape)

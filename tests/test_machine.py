@@ -116,3 +116,19 @@ def test_offline_the_hub_is_not_asked(hub, monkeypatch):
     assert machine.check_hub_access("meta-llama/Llama-2-7b-hf") == [
         "model meta-llama/Llama-2-7b-hf: Hub access not checked (HF_HUB_OFFLINE): read from the local cache"]
     assert not any("auth-check" in path for _, path, _ in hub.requests)
+
+
+def test_a_flow_process_checks_without_touching_the_gpu(workspace, monkeypatch):
+    """The Prefect flow's check (probe_gpu=False) keeps its long-lived process off the GPU."""
+    def touched(*args, **kwargs):
+        raise AssertionError("the GPU was touched")
+
+    fake_gpu(monkeypatch)
+    for name in ("get_device_name", "get_device_capability", "mem_get_info", "is_bf16_supported"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    monkeypatch.setattr(machine, "nf4_matmul_error", touched)
+    with inside(workspace) as params:
+        found = machine.check_machine(params, probe_gpu=False)
+        assert any(line.startswith("disk: ") for line in found)
+        with pytest.raises(AssertionError, match="the GPU was touched"):
+            machine.check_machine(params)
