@@ -27,9 +27,9 @@ SFT_STEPS = 2  # an SFT adapter to start DPO from; its weights do not change the
 
 
 def workspace(root: Path, overrides: dict) -> Path:
-    """fetch, prepare and a short sft on `overrides` over params.yaml."""
+    """fetch, prepare, a short sft and the reference stage on `overrides` over params.yaml."""
     from stack_dpo.params import deep_merge
-    from stages import fetch, prepare, sft
+    from stages import fetch, prepare, reference, sft
     from tests.conftest import inside
 
     shutil.rmtree(root, ignore_errors=True)
@@ -39,13 +39,14 @@ def workspace(root: Path, overrides: dict) -> Path:
     params["model"]["name_or_path"] = str(REPO / params["model"]["name_or_path"])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with inside(root) as loaded:
-        for stage in (fetch, prepare, sft):
+        for stage in (fetch, prepare, sft, reference):
             stage.run(loaded)
     return root
 
 
 def pad_fractions(root: Path, micro_batches: list[int]) -> list[list]:
-    """(micro-batch, random, grouped) pad fractions over one pass of the run's training pairs."""
+    """(micro-batch, random, grouped) pad fractions over one pass of the run's training pairs,
+    each from a trainer built as the dpo stage builds it (the batch size is fixed at construction)."""
     from stack_dpo.dpo import build_trainer, dpo_config
     from stack_dpo.fit import Plan
     from stack_dpo.params import global_batch
@@ -54,17 +55,16 @@ def pad_fractions(root: Path, micro_batches: list[int]) -> list[list]:
     rows = []
     with inside(root) as params:
         per_step = global_batch(params.dpo.train, params.launch)
-        plan = Plan(micro_batches[0], per_step // micro_batches[0], False, 0.0, 0.0, "")
-        trainer = build_trainer(params, dpo_config(params, root / "out", plan), None, with_reference=False)
         for micro in micro_batches:
-            trainer.args.per_device_train_batch_size = micro
-            trainer.args.gradient_accumulation_steps = per_step // micro
             row = [micro]
-            for strategy in ("random", "group_by_length"):
-                trainer.args.train_sampling_strategy = strategy
+            for grouped in (False, True):
+                setting = params.model_copy(update={"dpo": params.dpo.model_copy(update={"group_by_length": grouped})})
+                plan = Plan(micro, per_step // micro, False, 0.0, 0.0, "")
+                trainer = build_trainer(setting, dpo_config(setting, root / "out", plan), None)
                 padded = total = 0
                 for batch in trainer.get_train_dataloader():
                     mask = batch["attention_mask"]
+                    assert len(mask) == 2 * micro, len(mask)  # the chosen and rejected sequences of `micro` pairs
                     padded, total = padded + (mask == 0).sum().item(), total + mask.numel()
                 row.append(padded / total)
             rows.append([*row, row[2] / row[1], len(trainer.train_dataset)])
