@@ -132,3 +132,18 @@ def test_a_flow_process_checks_without_touching_the_gpu(workspace, monkeypatch):
         assert any(line.startswith("disk: ") for line in found)
         with pytest.raises(AssertionError, match="the GPU was touched"):
             machine.check_machine(params)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this checks the real one)")
+
+
+@needs_cuda
+def test_an_nf4_product_on_this_gpu_is_right():
+    assert machine.nf4_matmul_error("cuda:0") < machine.NF4_MAX_ERROR
+
+
+@needs_cuda
+def test_this_gpu_passes_the_check_of_the_full_profile_on_the_tiny_model(workspace):
+    with inside(workspace):
+        found = machine.check_machine(full_profile_on_the_tiny_model(workspace))
+    assert any(line.startswith("GPU 0: ") for line in found)
