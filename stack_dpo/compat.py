@@ -12,6 +12,10 @@ names it (and tests/test_compat.py fails), instead of silently taking another co
   StoredReferenceDPOTrainer adds the `length` column that transformers' length-grouped sampler
   reads (DPOTrainer would drop it as unused, and its tokenized pairs have no `input_ids` for the
   sampler to measure).
+- `Trainer._get_train_sampler(train_dataset=None)`: StoredReferenceDPOTrainer builds the
+  length-grouped sampler with a generator seeded from the run's seed. transformers builds it
+  without one, so its order comes from the global RNG when training starts, which a fresh run
+  and a resumed one reach in different states: a resumed run would train other batches.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import inspect
 import re
 from pathlib import Path
 
+import torch
 import transformers
 import trl
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
 
 from stack_dpo.pairs import REFERENCE_COLUMNS
@@ -31,6 +37,7 @@ RELIED_ON = {
     (DPOTrainer, "_precompute_ref_logps"): ["self", "dataset", "name", "batch_size"],
     (Trainer, "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
     (DPOTrainer, "_set_signature_columns_if_needed"): ["self"],
+    (Trainer, "_get_train_sampler"): ["self", "train_dataset"],
 }
 
 
@@ -51,7 +58,7 @@ check_private_api()
 class StoredReferenceDPOTrainer(DPOTrainer):
     """Reads the reference log-probs stored beside the pairs instead of computing them again; with
     `train_sampling_strategy="group_by_length"`, batches pairs of similar length (transformers'
-    LengthGroupedSampler: each pair once, in a random order of groups)."""
+    LengthGroupedSampler: each pair once, in a seeded random order of groups)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # tokenizes the pairs
@@ -68,6 +75,15 @@ class StoredReferenceDPOTrainer(DPOTrainer):
                 for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]}
 
         return dataset.map(lengths, batched=True, desc="Measuring pair lengths")
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=dataset[self.args.length_column_name],
+                                    generator=torch.Generator().manual_seed(seed))  # the same order when resumed
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -41,6 +41,8 @@ def test_dpo_reference_is_the_sft_model_without_a_second_base(trained, tmp_path)
     stage, read (not recomputed) by dpo, equal to TRL's own reference pass before and after
     training, while the policy moves; the base weights exist once (no ref_model)."""
     with inside(trained) as params:
+        # pairs in their order (not grouped by length): the first eval batch is the first 4 rows
+        params = params.model_copy(update={"dpo": params.dpo.model_copy(update={"group_by_length": False})})
         trainer = build_trainer(params, dpo_config(params, tmp_path), checkpoint=None)
         trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
         eval_rows = pq.read_table(trained / "data/processed/dpo/eval").slice(0, 4).to_pylist()
