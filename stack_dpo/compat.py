@@ -55,6 +55,13 @@ def check_private_api() -> None:
 check_private_api()
 
 
+def pair_lengths(batch: dict, column: str) -> dict:
+    """Each pair's padded length: the collator pads its chosen and rejected sequences to the longest.
+    (A module function, so that datasets can hash it for its cache fingerprint.)"""
+    pairs = zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
+    return {column: [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in pairs]}
+
+
 class StoredReferenceDPOTrainer(DPOTrainer):
     """Reads the reference log-probs stored beside the pairs instead of computing them again; with
     `train_sampling_strategy="group_by_length"`, batches pairs of similar length (transformers'
@@ -68,13 +75,8 @@ class StoredReferenceDPOTrainer(DPOTrainer):
                 self.eval_dataset = self._with_lengths(self.eval_dataset)
 
     def _with_lengths(self, dataset):
-        """Each pair's padded length: the collator pads its chosen and rejected sequences to the longest."""
-        def lengths(batch):
-            return {self.args.length_column_name: [
-                len(prompt) + max(len(chosen), len(rejected))
-                for prompt, chosen, rejected in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]}
-
-        return dataset.map(lengths, batched=True, desc="Measuring pair lengths")
+        return dataset.map(pair_lengths, batched=True, fn_kwargs={"column": self.args.length_column_name},
+                           desc="Measuring pair lengths")
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
