@@ -4,6 +4,7 @@
     stack-dpo generate --model you/stack-dpo-tiny --sample "..."  # a Hub repo, sampling
     stack-dpo check [--profile profiles/llama2-7b.yaml]           # params, machine, model, tokenizer, LoRA
     stack-dpo show                                                 # the experiments, one line each
+    stack-dpo verify                                               # recompute evaluate's figures per pair
 """
 
 from __future__ import annotations
@@ -136,6 +137,41 @@ def summary(args: argparse.Namespace) -> None:
           "make exp-full on a GPU for the recipe at 7B scale")
 
 
+def verify(args: argparse.Namespace) -> None:
+    """Every figure of metrics/evaluate.json recomputed from the per-pair log-probs
+    (metrics/evaluate_pairs.parquet) and the held-out pairs' texts, beside the recorded one."""
+    import pyarrow.parquet as pq
+
+    from stack_dpo.evaluate import SCORE_COLUMNS, held_out_pairs, metrics_from_scores
+    from stack_dpo.params import load_params
+    from stack_dpo.paths import EVAL_SCORES, METRICS
+
+    recorded_file = METRICS / "evaluate.json"
+    for path in (recorded_file, EVAL_SCORES):
+        if not path.exists():
+            raise InvalidInput(f"{path}: not there; run `dvc repro evaluate` first")
+    params = load_params(args.params)
+    pairs = held_out_pairs(params)
+    scores = pq.read_table(EVAL_SCORES)
+    missing = [name for name in ["pair", *SCORE_COLUMNS] if name not in scores.column_names]
+    if missing or scores.column("pair").to_pylist() != list(range(len(pairs))):
+        raise InvalidInput(f"{EVAL_SCORES}: expected columns pair, {', '.join(SCORE_COLUMNS)} with one row per "
+                           f"held-out pair ({len(pairs)}, in order); found {scores.column_names}, {scores.num_rows} "
+                           "rows: the file belongs to another run; rerun `dvc repro evaluate`")
+    recorded = json.loads(recorded_file.read_text())
+    recomputed = metrics_from_scores(scores, pairs, params.dpo.beta)
+    differing = []
+    print(f"{'figure':32}  {'recorded':>12}  {'recomputed':>12}")
+    for key, value in recomputed.items():
+        agrees = key in recorded and abs(recorded[key] - value) <= 1e-9 * max(1.0, abs(value))
+        differing += [] if agrees else [key]
+        print(f"{key:32}  {recorded.get(key, float('nan')):12.6f}  {value:12.6f}{'' if agrees else '  DIFFERS'}")
+    print(f"\nfrom {scores.num_rows} pairs' log-probs in {EVAL_SCORES} (beta = {params.dpo.beta}) and their texts")
+    if differing:
+        raise SystemExit(f"stack-dpo verify: {', '.join(differing)} in {recorded_file} differ from the figures "
+                         f"recomputed from {EVAL_SCORES}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="stack-dpo", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
                               description="The held-out accuracy against its baselines, where the model, report "
                                           "and curves are, and what to try next.")
     smr.set_defaults(run=summary)
+    vrf = commands.add_parser("verify", help="recompute evaluate's figures from the per-pair log-probs",
+                              description="Recompute every figure of metrics/evaluate.json (accuracy, its "
+                                          "interval, margins, rewards, the baselines) from the per-pair log-probs "
+                                          "evaluate kept (metrics/evaluate_pairs.parquet) and the held-out pairs' "
+                                          "texts, without the models; exits 1 when a recorded figure differs.")
+    vrf.add_argument("--params", default=PARAMS_FILE, help="default: %(default)s")
+    vrf.set_defaults(run=verify)
     return top
 
 

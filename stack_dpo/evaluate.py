@@ -7,12 +7,24 @@ from __future__ import annotations
 import logging
 import math
 
+import pyarrow as pa
 import torch
 
 from stack_dpo.dataset import generation_prompt
+from stack_dpo.outputs import load_splits
+from stack_dpo.params import Params
+from stack_dpo.paths import DPO_DATA
 
 log = logging.getLogger("stack_dpo.evaluate")
 CODE_BLOCK = "```"
+
+
+def held_out_pairs(params: Params):
+    """The pairs evaluate scores: the evaluation split, its first evaluate.max_pairs when set."""
+    pairs = load_splits(DPO_DATA)["eval"]
+    if params.evaluate.max_pairs:
+        pairs = pairs.select(range(min(params.evaluate.max_pairs, len(pairs))))
+    return pairs
 
 
 def preference_accuracy(chosen_scores, rejected_scores) -> float:
@@ -39,6 +51,40 @@ def baselines(pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> di
                                                         [len(t) for t in pairs["rejected"]]),
         "baseline/code_block_accuracy": preference_accuracy(has_code(pairs["chosen"]), has_code(pairs["rejected"])),
         "baseline/sft_accuracy": preference_accuracy(ref_chosen, ref_rejected),
+    }
+
+
+# metrics/evaluate_pairs.parquet: one row per held-out pair, in the order of data/processed/dpo/eval
+SCORE_COLUMNS = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+def scores_table(chosen, rejected, ref_chosen, ref_rejected) -> pa.Table:
+    """The per-pair log-probs of the final model and the reference (float64: the metrics are
+    computed from exactly these numbers, so anyone can recompute them)."""
+    columns = {"pair": pa.array(range(len(chosen)), pa.int64())}
+    for name, values in zip(SCORE_COLUMNS, (chosen, rejected, ref_chosen, ref_rejected)):
+        columns[name] = pa.array(torch.as_tensor(values, dtype=torch.float64).tolist(), pa.float64())
+    return pa.table(columns)
+
+
+def metrics_from_scores(scores: pa.Table, pairs, beta: float) -> dict:
+    """metrics/evaluate.json from the per-pair log-probs and the pairs' texts. rewards =
+    beta * (log pi - log pi_sft); a pair counts as preferred when the chosen reward is strictly
+    higher (as TRL counts it, so equal rewards, an untrained policy's, score 0)."""
+    logps = {name: torch.tensor(scores.column(name).to_pylist(), dtype=torch.float64) for name in SCORE_COLUMNS}
+    rewards_chosen = beta * (logps["chosen_logps"] - logps["ref_chosen_logps"])
+    rewards_rejected = beta * (logps["rejected_logps"] - logps["ref_rejected_logps"])
+    accuracy = (rewards_chosen > rewards_rejected).double().mean().item()
+    low, high = wilson_interval(accuracy, len(pairs))
+    return {
+        "rewards/accuracies": accuracy,
+        "rewards/accuracies_ci95_low": low,
+        "rewards/accuracies_ci95_high": high,
+        "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
+        "rewards/chosen": rewards_chosen.mean().item(),
+        "rewards/rejected": rewards_rejected.mean().item(),
+        **baselines(pairs, logps["ref_chosen_logps"], logps["ref_rejected_logps"]),
+        "n_pairs": len(pairs),
     }
 
 

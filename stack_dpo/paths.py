@@ -14,4 +14,5 @@ CHECKPOINTS = Path("checkpoints")        # {sft,dpo}/: DVC `persist` outputs, re
 DVCLIVE = Path("dvclive")                # {sft,dpo}/: training curves, DVC `persist` outputs
 METRICS = Path("metrics")                # {prepare,sft,dpo,merge,evaluate}.json
 EVAL_REPORT = Path("reports/evaluate.md")
+EVAL_SCORES = Path("metrics/evaluate_pairs.parquet")  # evaluate: the log-probs behind every figure, per pair
 PUSH_REPORT = Path("reports/push.json")

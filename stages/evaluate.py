@@ -1,6 +1,8 @@
 """evaluate: the final model (models/merged) against the SFT model as reference, on the
-held-out evaluation split (data/processed/dpo/eval) -> metrics/evaluate.json and
-reports/evaluate.md.
+held-out evaluation split (data/processed/dpo/eval) -> metrics/evaluate.json,
+reports/evaluate.md and metrics/evaluate_pairs.parquet: the four log-probs of each pair (final
+model and reference, chosen and rejected), from which every figure of metrics/evaluate.json is
+computed (`stack-dpo verify` recomputes them).
 
 rewards = beta * (log pi(y|x) - log pi_sft(y|x)), the implicit DPO reward; accuracy is how often
 the chosen answer's reward beats the rejected one's, with a 95% Wilson interval. Beside it, the
@@ -22,19 +24,17 @@ import gc
 import logging
 
 from stack_dpo.entrypoint import main
-from stack_dpo.evaluate import baselines, distinct_samples, generate, report, wilson_interval
+from stack_dpo.evaluate import distinct_samples, generate, held_out_pairs, metrics_from_scores, report, scores_table
 from stack_dpo.modeling import cast_weights, load_merged, load_tokenizer, merged_model, on_device, pair_logps
-from stack_dpo.outputs import load_splits, write_json_atomic, write_text_atomic
+from stack_dpo.outputs import write_json_atomic, write_parquet_atomic, write_text_atomic
 from stack_dpo.params import Params
-from stack_dpo.paths import DPO_DATA, EVAL_REPORT, MERGED, METRICS, SFT_ADAPTER
+from stack_dpo.paths import EVAL_REPORT, EVAL_SCORES, MERGED, METRICS, SFT_ADAPTER
 
 log = logging.getLogger("stages.evaluate")
 
 
 def run(params: Params) -> dict:
-    pairs = load_splits(DPO_DATA)["eval"]
-    if params.evaluate.max_pairs:
-        pairs = pairs.select(range(min(params.evaluate.max_pairs, len(pairs))))
+    pairs = held_out_pairs(params)
     samples = distinct_samples(pairs, params.evaluate.generations)
     prompts = [sample["prompt"] for sample in samples]
     batch = params.evaluate.batch_size
@@ -51,24 +51,15 @@ def run(params: Params) -> dict:
     chosen, rejected = pair_logps(final, tokenizer, pairs, batch, desc="final model")
     final_texts = generate(final, tokenizer, prompts, params.evaluate.max_new_tokens)
 
-    beta = params.dpo.beta
-    rewards_chosen = beta * (chosen - ref_chosen)
-    rewards_rejected = beta * (rejected - ref_rejected)
-    accuracy = (rewards_chosen > rewards_rejected).float().mean().item()
-    low, high = wilson_interval(accuracy, len(pairs))
-    metrics = {
-        "rewards/accuracies": accuracy,
-        "rewards/accuracies_ci95_low": low,
-        "rewards/accuracies_ci95_high": high,
-        "rewards/margins": (rewards_chosen - rewards_rejected).mean().item(),
-        "rewards/chosen": rewards_chosen.mean().item(),
-        "rewards/rejected": rewards_rejected.mean().item(),
-        **baselines(pairs, ref_chosen, ref_rejected),
-        "n_pairs": len(pairs),
-    }
+    scores = scores_table(chosen, rejected, ref_chosen, ref_rejected)
+    metrics = metrics_from_scores(scores, pairs, params.dpo.beta)
     for sample, sft_text, final_text in zip(samples, sft_texts, final_texts):
         sample.update(sft=sft_text, final=final_text)
+    # the old metrics go first: a failure between the writes below leaves no metrics (dvc reruns
+    # evaluate), never old metrics beside new per-pair log-probs
+    (METRICS / "evaluate.json").unlink(missing_ok=True)
     write_text_atomic(EVAL_REPORT, report(metrics, samples, params.dpo.beta, params.evaluate.max_new_tokens))
+    write_parquet_atomic(EVAL_SCORES, scores)
     write_json_atomic(METRICS / "evaluate.json", metrics)
     log.info("%s", metrics)
     return metrics
