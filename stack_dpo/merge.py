@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from stack_dpo.modeling import load_adapter_model, load_merged, load_tokenizer, merged_model, pair_logps
-from stack_dpo.pairs import load_pairs, load_reference
+from stack_dpo.outputs import load_splits
+from stack_dpo.pairs import load_reference
 from stack_dpo.params import Params
-from stack_dpo.paths import DPO_ADAPTER
+from stack_dpo.paths import DPO_ADAPTER, DPO_DATA
 
 log = logging.getLogger("stack_dpo.merge")
 
@@ -42,8 +43,8 @@ def logit_gap(model_a, model_b, tokenizer, texts: list[str], batch_size: int) ->
 def merge_gap(params: Params, merged_dir: Path, tokenizer) -> dict:
     """The model as trained against the merged model as saved in `merged_dir` (loaded as evaluate
     loads models/merged) on the first merge.gap_pairs held-out pairs."""
-    held_out = load_pairs(params)
-    pairs, reference = held_out["eval"], load_reference(held_out, ("eval",))["eval"]
+    pairs = load_splits(DPO_DATA)["eval"]
+    reference = load_reference({"eval": pairs}, ("eval",))["eval"]
     n = min(params.merge.gap_pairs or len(pairs), len(pairs))
     pairs, reference = pairs.select(range(n)), reference.select(range(n))
     ref_chosen = torch.tensor(reference["ref_chosen_logps"])

@@ -1,10 +1,14 @@
 """Shared fixtures: throw-away workspaces (params.yaml + the bundled sample) and one tiny
-trained chain (fetch -> prepare -> sft -> dpo -> merge -> evaluate) that the stage tests read."""
+trained chain (fetch -> prepare -> sft -> reference -> dpo -> merge -> evaluate) that the stage
+tests read, read-only (a test that writes works on writable_copy(trained, ...))."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -124,13 +128,154 @@ def workspace(tmp_path):
     return make_workspace(tmp_path / "ws")
 
 
+TRAINED_STAGES = ("fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate")
+# `make mutants` builds the trained chain once with the code unchanged and hands it over here:
+# a planted bug reruns the chain from the first stage whose code (stack_dpo.layout.code_files) it changed
+TRAINED_CACHE = "STACK_DPO_TRAINED_CACHE"
+
+
+def code_digest(stage: str) -> str:
+    from stack_dpo import layout
+
+    digest = hashlib.sha256()
+    for name in layout.code_files(stage):
+        digest.update(name.encode() + b"\0" + (layout.ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def recording_param_reads(params):
+    """The params keys read while the block runs (`sft.train.max_steps`; a whole section when it
+    is dumped or copied): {"uses": keys, "checks": keys read only inside stack_dpo.machine's
+    check_machine, which refuses a run but never changes its outputs}. Section's attribute
+    access is watched on `params`' tree (in this process: forked workers are not seen)."""
+    from stack_dpo.params import Section
+
+    where: dict[int, str] = {}
+
+    def index(section, prefix: str) -> None:
+        where[id(section)] = prefix
+        for name in type(section).model_fields:
+            value = object.__getattribute__(section, name)
+            if isinstance(value, Section):
+                index(value, f"{prefix}{name}.")
+
+    index(params, "")
+    reads: dict[str, set[str]] = {"uses": set(), "checks": set()}
+    plain = Section.__getattribute__
+
+    def in_machine_check() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code.co_name == "check_machine" and frame.f_code.co_filename.endswith("machine.py"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def watched(self, name):
+        value = plain(self, name)
+        prefix = where.get(id(self))
+        key = None
+        if prefix is not None:
+            if name in type(self).model_fields and not isinstance(value, Section):
+                key = prefix + name
+            elif name in ("model_dump", "model_dump_json", "model_copy") and prefix:
+                key = prefix.rstrip(".")
+        if key is not None:
+            reads["checks" if in_machine_check() else "uses"].add(key)
+        return value
+
+    Section.__getattribute__ = watched
+    try:
+        yield reads
+    finally:
+        Section.__getattribute__ = plain
+        reads["checks"] -= reads["uses"]
+
+
+def build_trained(root: Path, reuse: Path | None = None) -> Path:
+    """The trained chain in root/ws; root/built.json keeps each stage's code digest and the
+    params keys it read. With `reuse` (another build_trained root), its stages are copied up
+    to the first whose code differs here, and that one and the rest run again."""
+    import importlib
+
+    ws, start, built = root / "ws", 0, {"code": {}, "reads": {}}
+    if reuse is not None:
+        built = json.loads((reuse / "built.json").read_text())
+        while start < len(TRAINED_STAGES) and built["code"].get(TRAINED_STAGES[start]) == code_digest(
+                TRAINED_STAGES[start]):
+            start += 1
+        shutil.copytree(reuse / "ws", ws, symlinks=True)
+        for stage in TRAINED_STAGES[start:]:  # retrained from scratch, not resumed
+            for folder in ("checkpoints", "dvclive"):
+                shutil.rmtree(ws / folder / stage, ignore_errors=True)
+    make_workspace(ws, {"prepare": {"num_proc": 1}})  # in this process, where the params reads are seen
+    with inside(ws) as params:
+        for stage in TRAINED_STAGES[start:]:
+            with recording_param_reads(params) as reads:
+                importlib.import_module(f"stages.{stage}").run(params)
+            built["code"][stage] = code_digest(stage)
+            built["reads"][stage] = {kind: sorted(keys) for kind, keys in reads.items()}
+    (root / "built.json").write_text(json.dumps(built, indent=1))
+    return ws
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 of every file's path and bytes under root (symlinks not followed)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def set_writable(root: Path, writable: bool) -> None:
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                mode = path.stat().st_mode
+                path.chmod(mode | 0o200 if writable else mode & ~0o222)
+    root.chmod(root.stat().st_mode | 0o200 if writable else root.stat().st_mode & ~0o222)
+
+
+def writable_copy(trained: Path, dest: Path, checkpoints: bool = True) -> Path:
+    """A copy of the shared trained workspace that a test may change."""
+    shutil.copytree(trained, dest, symlinks=True, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints"))
+    set_writable(dest, True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A workspace where every stage up to evaluate has run once on FAST params."""
-    from stages import dpo, evaluate, fetch, merge, prepare, reference, sft
+    """A workspace where every stage up to evaluate has run once on FAST params. Read-only: its
+    files lose their write bits, and at the end of the session its bytes must be as built."""
+    cache = os.environ.get(TRAINED_CACHE)
+    root = build_trained(tmp_path_factory.mktemp("trained"), Path(cache) if cache else None)
+    built = tree_digest(root)
+    set_writable(root, False)
+    yield root
+    set_writable(root, True)  # pytest removes it later
+    assert tree_digest(root) == built, "a test changed the shared trained workspace (use writable_copy)"
 
-    root = make_workspace(tmp_path_factory.mktemp("trained"))
-    with inside(root) as params:
-        for stage in (fetch, prepare, sft, reference, dpo, merge, evaluate):
-            stage.run(params)
-    return root
+
+def shuffled_files(items: list, seed: str) -> list:
+    """The tests in a seeded random order of their files, each file's tests in their order."""
+    files = list(dict.fromkeys(item.path for item in items))
+    random.Random(seed).shuffle(files)
+    rank = {path: i for i, path in enumerate(files)}
+    return sorted(items, key=lambda item: rank[item.path])  # stable: a file's own order is kept
+
+
+SHUFFLE_SEED = "STACK_DPO_TEST_ORDER"  # a seed: the files run in that shuffled order ("" keeps pytest's)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    seed = os.environ.get(SHUFFLE_SEED, "")
+    if seed:
+        items[:] = shuffled_files(items, seed)
+
+
+def pytest_report_header(config):
+    seed = os.environ.get(SHUFFLE_SEED, "")
+    return f"test files in the order of {SHUFFLE_SEED}={seed}" if seed else None

@@ -21,7 +21,7 @@ from stack_dpo.faults import NO_SPACE_EXIT
 from stack_dpo.modeling import load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import fetch, prepare
-from tests.conftest import REPO, inside, make_workspace, subprocess_env
+from tests.conftest import REPO, inside, make_workspace, subprocess_env, writable_copy
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired"
 
@@ -150,7 +150,7 @@ def test_more_processes_than_devices_is_refused_before_any_work(tmp_path):
 
 def test_reference_log_probs_that_do_not_match_the_pairs_are_refused(trained, tmp_path):
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     shard = ws / "data/processed/reference/eval/part-00000.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 5), shard)  # a stale reference of other pairs
     from stack_dpo import pairs
@@ -166,7 +166,7 @@ def test_a_refused_run_leaves_the_checkpoints_as_they_were(trained, tmp_path, mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine: a GPU run is refused
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True)
+    writable_copy(trained, ws)
 
     def snapshot():
         return {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()}
@@ -266,7 +266,7 @@ def test_an_unknown_lora_target_is_refused_before_sft_touches_its_checkpoints(tr
     from stages import sft
 
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True)
+    writable_copy(trained, ws)
 
     def snapshot():
         return {p: p.read_bytes() for folder in ("checkpoints", "models", "metrics")

@@ -1,7 +1,6 @@
 """The `stack-dpo` command (generate, check, show) and `--help` of every stage entry point."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from stack_dpo.params import InvalidInput, validate
-from tests.conftest import DEFAULT_PARAMS, REPO, make_clone, subprocess_env
+from tests.conftest import DEFAULT_PARAMS, REPO, make_clone, subprocess_env, writable_copy
 
 STACK_DPO = str(Path(sys.executable).parent / "stack-dpo")  # the installed console script
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -117,7 +116,7 @@ def test_a_dpo_run_with_another_loss_trains_it_and_the_card_names_it(trained, tm
     from tests.conftest import inside
 
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     with inside(ws) as params:
         ipo = params.model_copy(update={"dpo": params.dpo.model_copy(update={"loss_type": ["ipo"]})})
         metrics = dpo.run(ipo)
@@ -152,7 +151,7 @@ def test_an_experiment_tracker_is_optional_and_a_missing_one_is_named(trained, t
     if missing is None:
         pytest.skip("every tracker is installed here")
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True)
+    writable_copy(trained, ws)
     before = {p: p.read_bytes() for p in sorted((ws / "checkpoints").rglob("*")) if p.is_file()}
     with inside(ws) as params:
         assert params.track.report_to == []  # off by default

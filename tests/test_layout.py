@@ -1,10 +1,12 @@
 """The layout the code and dvc.yaml must agree on: each stage is an entry point that imports
 the library (stack_dpo) and never another stage; dvc.yaml lists as a stage's code deps exactly
-the files its code imports, and no path the library does not name."""
+the files its code imports, as its params exactly the keys its code reads, and no path the
+library does not name."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import yaml
@@ -57,7 +59,53 @@ def test_dvc_yaml_paths_are_the_library_path_constants():
         for entry in [*listed(stage.get("deps")), *listed(stage.get("outs")), *listed(stage.get("metrics"))]:
             if entry.endswith(".py"):
                 continue
-            owner = next((c for c in constants if entry == c or Path(entry).parent == Path(c)), None)
+            owner = entry if entry in constants else next((c for c in constants if Path(entry).parent == Path(c)),
+                                                          None)
             assert owner, f"dvc.yaml path {entry!r} is not one of (or directly under one of) {sorted(constants)}"
             used.add(owner)
     assert used == constants, f"stack_dpo/paths.py names paths dvc.yaml never uses: {sorted(constants - used)}"
+
+
+# Params a stage reads that cannot change its outputs, so dvc.yaml leaves them out (a change
+# to them reruns nothing). Each with why; everything else a stage reads must be its dep.
+READ_BUT_NOT_A_DEP = {
+    ("prepare", "prepare.num_proc"): "worker processes; the output is the same (tests/test_prepare.py)",
+    ("prepare", "prepare.batch_rows"): "rows per processing batch; the output is the same",
+    ("sft", "track.report_to"): "other trackers the curves also go to",
+    ("reference", "track.report_to"): "other trackers the curves also go to",
+    ("dpo", "track.report_to"): "other trackers the curves also go to",
+    # the reference stage builds dpo's trainer to compute log-probs with dpo's own setup; a
+    # log-prob depends on none of the loss settings, the batch order or the optimizer's
+    ("reference", "dpo.beta"): "a loss setting",
+    ("reference", "dpo.loss_type"): "a loss setting",
+    ("reference", "dpo.loss_weights"): "a loss setting",
+    ("reference", "dpo.group_by_length"): "the order of training batches; each pair is stored row for row",
+    ("reference", "dpo.train"): "dumped into the trainer's arguments; the sample's sizes and seed are deps one by one",
+    ("dpo", "reference.batch_size"): "the batch of a reference pass dpo never runs (it reads the stored log-probs)",
+    ("dpo", "sft.lora.r"): "the fit sizes the adapter of models/sft, a dep that sft.lora shapes",
+    ("dpo", "sft.lora.target_modules"): "the fit sizes the adapter of models/sft, a dep that sft.lora shapes",
+}
+
+
+def covers(declared: str, key: str) -> bool:
+    return key == declared or key.startswith(declared + ".")
+
+
+def test_dvc_yaml_params_are_what_each_stage_reads(trained):
+    """Each stage's params in dvc.yaml against the params keys its code read while the trained
+    chain ran (tests/conftest.py records them): a key read and not declared would let
+    `dvc repro` keep stale outputs; a key declared and never read reruns the stage for nothing.
+    Reads inside the machine check (it refuses runs, never changes outputs) are not deps."""
+    reads = json.loads((trained.parent / "built.json").read_text())["reads"]
+    stages = dvc_stages()
+    assert set(reads) == {"fetch", "prepare", "sft", "reference", "dpo", "merge", "evaluate"}
+    for stage, read in reads.items():
+        declared = stages[stage]["params"]
+        undeclared = [key for key in read["uses"] if (stage, key) not in READ_BUT_NOT_A_DEP
+                      and not any(covers(entry, key) for entry in declared)]
+        assert not undeclared, f"dvc.yaml stage {stage} reads params it does not declare: {undeclared}"
+        unread = [entry for entry in declared
+                  if not any(covers(entry, key) or covers(key, entry) for key in read["uses"])]
+        assert not unread, f"dvc.yaml stage {stage} declares params its code never read: {unread}"
+    allowed_but_unread = [pair for pair in READ_BUT_NOT_A_DEP if pair[1] not in reads[pair[0]]["uses"]]
+    assert not allowed_but_unread, f"excused reads that no longer happen: {allowed_but_unread}"

@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from stack_dpo.modeling import load_adapter_model, load_tokenizer
 from stack_dpo.params import InvalidInput
 from stages import merge, push
-from tests.conftest import inside
+from tests.conftest import inside, writable_copy
 
 
 def test_merged_model_is_16_bit_and_matches_the_adapter_model(trained):
@@ -39,7 +38,7 @@ def test_merged_weights_are_a_float32_merge_cast_once_to_the_saved_dtype(trained
     """Oracle: PEFT's own merge of the whole model in float32, cast straight to merge.save_dtype
     (float16 here, with model.dtype bfloat16: a detour through bf16 would lose 3 mantissa bits)."""
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     with inside(ws) as params:
         half = params.model_copy(update={"merge": params.merge.model_copy(update={"save_dtype": "float16"}),
                                          "model": params.model.model_copy(update={"dtype": "bfloat16"})})
@@ -86,7 +85,7 @@ def test_the_report_shows_distinct_questions_with_both_answers_and_both_models_s
     from stages import evaluate
 
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     with inside(ws) as params:
         more = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"generations": 3})})
         evaluate.run(more)
@@ -106,11 +105,12 @@ def test_the_report_shows_distinct_questions_with_both_answers_and_both_models_s
         assert "| SFT model | final model |\n| --- | --- |\n| " in section
 
 
-def test_push_disabled_records_why(trained):
-    with inside(trained) as params:
+def test_push_disabled_records_why(trained, tmp_path):
+    ws = writable_copy(trained, tmp_path / "ws", checkpoints=False)
+    with inside(ws) as params:
         record = push.run(params)
     assert record["pushed"] is False and "push.enabled is false" in record["reason"]
-    assert json.loads((trained / "reports/push.json").read_text()) == record
+    assert json.loads((ws / "reports/push.json").read_text()) == record
 
 
 def test_push_enabled_without_repo_fails_clearly(trained):

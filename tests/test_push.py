@@ -3,7 +3,6 @@ client: round trip, model card, idempotence, branches and PRs, clear failures, n
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from stack_dpo.faults import TRANSIENT_EXIT
 from stages import merge
-from tests.conftest import inside, subprocess_env
+from tests.conftest import inside, subprocess_env, writable_copy
 from tests.hub_server import FakeHub
 
 TOKEN = "hf_stackdpo_test_token_0123456789abcdef"
@@ -34,7 +33,7 @@ def hub():
 def pushable(trained, tmp_path):
     """A copy of the trained workspace with push enabled and models/merged in 1 MB shards."""
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     set_params(ws, {"push": {"enabled": True, "repo_id": "alice/tiny-dpo", "license": "mit"},
                     "merge": {"max_shard_size": "1MB"}})
     with inside(ws) as params:

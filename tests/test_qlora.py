@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from stack_dpo.experiment import profile_params
 from stack_dpo.params import InvalidInput
-from tests.conftest import FAST, REPO, inside, make_workspace, subprocess_env
+from tests.conftest import FAST, REPO, inside, make_workspace, subprocess_env, writable_copy
 
 MEMORY_CAP_GIB = 0.6  # launch.max_memory_gib: by the memory model, room for 4 of the 8 SFT rows, 2 of 16 DPO pairs
 
@@ -196,7 +196,7 @@ def test_length_grouped_dpo_batches_hold_the_same_pairs_with_less_padding(traine
     from stages import fetch, prepare
 
     ws = make_workspace(tmp_path / "ws", {"fetch": {"max_rows": {"rl": 400}}, "dpo": {"train": {"max_steps": 40}}})
-    shutil.copytree(trained / "models/sft", ws / "models/sft")  # the policy to start from
+    writable_copy(trained / "models/sft", ws / "models/sft")  # the policy to start from
     with inside(ws) as params:
         fetch.run(params)
         prepare.run(params)

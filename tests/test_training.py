@@ -14,7 +14,7 @@ import torch
 from stack_dpo.dpo import build_trainer, dpo_config
 from stack_dpo.modeling import load_adapter_model, load_base_model, load_tokenizer, response_logps
 from stages import fetch, prepare
-from tests.conftest import REPO, inside, make_workspace, subprocess_env
+from tests.conftest import REPO, inside, make_workspace, subprocess_env, writable_copy
 
 
 def test_sft_and_dpo_write_adapters_and_metrics(trained):
@@ -40,13 +40,14 @@ def test_dpo_reference_is_the_sft_model_without_a_second_base(trained, tmp_path)
     """The reference log-probs dpo trains against are the SFT model's: stored by the reference
     stage, read (not recomputed) by dpo, equal to TRL's own reference pass before and after
     training, while the policy moves; the base weights exist once (no ref_model)."""
-    with inside(trained) as params:
+    ws = writable_copy(trained, tmp_path / "ws", checkpoints=False)  # a trainer restarts dvclive/dpo
+    with inside(ws) as params:
         # pairs in their order (not grouped by length): the first eval batch is the first 4 rows
         params = params.model_copy(update={"dpo": params.dpo.model_copy(update={"group_by_length": False})})
-        trainer = build_trainer(params, dpo_config(params, tmp_path), checkpoint=None)
+        trainer = build_trainer(params, dpo_config(params, tmp_path / "out"), checkpoint=None)
         trainer.args.max_steps, trainer.args.save_strategy = 3, "no"
-        eval_rows = pq.read_table(trained / "data/processed/dpo/eval").slice(0, 4).to_pylist()
-        stored = pq.read_table(trained / "data/processed/reference/eval").slice(0, 4)
+        eval_rows = pq.read_table(ws / "data/processed/dpo/eval").slice(0, 4).to_pylist()
+        stored = pq.read_table(ws / "data/processed/reference/eval").slice(0, 4)
         prompts = [r["prompt"] for r in eval_rows]
         chosen = [r["chosen"] for r in eval_rows]
         tokenizer = load_tokenizer("models/sft")

@@ -18,14 +18,14 @@ from stack_dpo.evaluate import baselines, preference_accuracy, wilson_interval
 from stack_dpo.params import InvalidInput
 from stack_dpo.push import unvetted_note, unvetted_reasons
 from stages import dpo, evaluate, fetch, merge, prepare, push, sft
-from tests.conftest import REPO, inside, make_workspace
+from tests.conftest import REPO, inside, make_workspace, writable_copy
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired/data"
 
 
 def copy_of(trained, tmp_path):
     ws = tmp_path / "ws"
-    shutil.copytree(trained, ws, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    writable_copy(trained, ws, checkpoints=False)
     return ws
 
 
