@@ -1,15 +1,20 @@
 """Planted bugs the test suite must catch: `make mutants` (python -m tests.mutants [NAME ...]).
 
 Each mutant changes one line of the code in a scratch copy of this checkout and runs only the
-tests that should notice; it is caught when they fail (the first failing test is printed, to show
-why). The tests must also pass with no bug planted. Scratch copies run `--jobs` at a time, each
-with its share of the cores. Prints `N of N planted bugs caught` and exits 0 only if every one
-was. A bug fixed from now on gets its mutant here.
+tests chosen for it. It is caught only when one of them fails on an assertion (AssertionError
+or pytest's own failure), not on an error in setup, import or collection (tests/outcomes.py
+records which). Each mutant's tests must also pass, run alone in the same way, with no bug
+planted, or the catch would prove nothing. The trained chain the tests share (tests/conftest.py)
+is built once with no bug planted and handed to each run, which rebuilds it from the first
+stage whose code the bug changed. Scratch copies run `--jobs` at a time, each with its share of
+the cores. Prints `N of N planted bugs caught` and exits 0 only if every one was. A bug fixed
+from now on gets its mutant here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+
+from tests.conftest import SHUFFLE_SEED, TRAINED_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,26 +237,56 @@ def plant(root: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
+ASSERTIONS = ("AssertionError", "Failed")  # Failed: pytest.fail, pytest.raises that saw nothing raised
+
+
 class Outcome(NamedTuple):
-    passed: bool
+    caught: bool         # a chosen test failed on an assertion
+    passed: bool         # every chosen test ran and passed (what the run with no bug planted must show)
     seconds: float
-    first_failure: str  # pytest's `FAILED ...` / `ERROR ...` line, or the output's tail
-    tail: str
+    why: str             # the failing test and what failed it, or the output's tail
 
 
-def run_tests(mutant: Mutant | None, tests: list[str], threads: int) -> Outcome:
+def chosen(record: dict, tests: list[str]) -> bool:
+    return any(record["test"] == test or record["test"].startswith(test + "[") for test in tests)
+
+
+def run_tests(mutant: Mutant | None, tests: list[str], threads: int, cache: Path | None) -> Outcome:
     """`tests` in a scratch copy with `mutant` planted, torch on `threads` threads."""
     with tempfile.TemporaryDirectory(prefix="stack-dpo-mutant-") as tmp:
-        root = scratch_copy(Path(tmp))
+        root = scratch_copy(Path(tmp) / "repo")
         if mutant is not None:
             plant(root, mutant)
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
+        outcomes = Path(tmp) / "outcomes.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads), "STACK_DPO_OUTCOMES":
+               str(outcomes), **({TRAINED_CACHE: str(cache)} if cache else {})}
+        env.pop(SHUFFLE_SEED, None)
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                                cwd=root, env=env, capture_output=True, text=True)
-        summary = [line for line in result.stdout.splitlines() if line.startswith(("FAILED tests/", "ERROR tests/"))]
-        first = summary[0] if summary else result.stdout[-300:]
-        return Outcome(result.returncode == 0, time.monotonic() - started, first[:300], result.stdout[-600:])
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 "-p", "tests.outcomes", *tests], cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.monotonic() - started
+        records = [json.loads(line) for line in outcomes.read_text().splitlines()] if outcomes.exists() else []
+    failed = [r for r in records if r["outcome"] == "failed"]
+    on_assertion = [r for r in failed if r["when"] == "call" and r["exception"] in ASSERTIONS and chosen(r, tests)]
+    passed_calls = {r["test"] for r in records if r["when"] == "call" and r["outcome"] == "passed"}
+    passed = (result.returncode == 0 and not failed
+              and all(any(chosen({"test": t}, [test]) for t in passed_calls) for test in tests))
+    if on_assertion:
+        why = f"{on_assertion[0]['test']}: {on_assertion[0]['exception']}"
+    elif failed:
+        why = f"not an assertion: {failed[0]['test']} failed in {failed[0]['when']} ({failed[0]['exception']})"
+    else:
+        why = result.stdout[-600:]
+    return Outcome(bool(on_assertion), passed, seconds, why[:300])
+
+
+def build_cache(root: Path) -> None:
+    """The trained chain with no bug planted, for every run to start from."""
+    code = scratch_copy(root / "repo")
+    (root / "trained").mkdir()
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from tests.conftest import "
+                    "build_trained; build_trained(Path(sys.argv[1]))", str(root / "trained")],
+                   cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, check=True, capture_output=True)
 
 
 def main() -> None:
@@ -257,27 +294,28 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="substrings of the mutants to run (default: all)")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="scratch copies tested at once (default 2)")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    planted = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        # the tests must pass without a planted bug, or a failure would prove nothing
-        unmutated = pool.submit(run_tests, None, sorted({test for m in chosen for test in m.tests}), threads)
-        mutated = [pool.submit(run_tests, mutant, list(mutant.tests), threads) for mutant in chosen]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="stack-dpo-trained-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        build_cache(Path(tmp))
+        cache = Path(tmp) / "trained"
+        print(f"built the shared trained chain with no bug planted in {time.monotonic() - started:.0f} s", flush=True)
+        # each mutant's tests alone with no bug planted: they must pass, or a failure proves nothing
+        clean = {tests: pool.submit(run_tests, None, list(tests), threads, cache)
+                 for tests in dict.fromkeys(m.tests for m in planted)}
+        mutated = [pool.submit(run_tests, mutant, list(mutant.tests), threads, cache) for mutant in planted]
         caught = []
-        for mutant, future in zip(chosen, mutated):
-            outcome = future.result()
-            caught.append(not outcome.passed)
-            print(f"{'caught ' if not outcome.passed else 'MISSED '} {outcome.seconds:6.1f} s  {mutant.name}",
-                  flush=True)
-            print(f"          {outcome.first_failure}" if not outcome.passed else outcome.tail, flush=True)
-        baseline = unmutated.result()
-    print(f"{'passed ' if baseline.passed else 'FAILED '} {baseline.seconds:6.1f} s  the tests, with no bug planted")
-    if not baseline.passed:
-        print(baseline.tail)
-        print("the tests fail with no bug planted, so no catch above proves anything")
-        sys.exit(1)
-    print(f"{sum(caught)} of {len(caught)} planted bugs caught")
+        for mutant, future in zip(planted, mutated):
+            outcome, baseline = future.result(), clean[mutant.tests].result()
+            caught.append(outcome.caught and baseline.passed)
+            verdict = "caught " if caught[-1] else "MISSED " if baseline.passed else "UNSOUND"
+            print(f"{verdict} {outcome.seconds:6.1f} s  {mutant.name}", flush=True)
+            print(f"          {outcome.why}" if baseline.passed else
+                  f"          its tests with no bug planted: {baseline.why}", flush=True)
+    print(f"{sum(caught)} of {len(caught)} planted bugs caught, each by an assertion of its own tests, which pass "
+          f"with no bug planted ({len(clean)} clean runs); {time.monotonic() - started:.0f} s in all")
     sys.exit(0 if all(caught) else 1)
 
 

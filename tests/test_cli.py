@@ -10,6 +10,7 @@ import yaml
 
 from stack_dpo.params import InvalidInput, validate
 from tests.conftest import DEFAULT_PARAMS, REPO, make_clone, subprocess_env, writable_copy
+from tests.test_oracles import expected_figures
 
 STACK_DPO = str(Path(sys.executable).parent / "stack-dpo")  # the installed console script
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -97,7 +98,7 @@ def test_show_lists_each_experiment_with_its_params_accuracy_and_baselines(tmp_p
     by_name = {row.split()[0]: row.split() for row in rows}
     assert by_name["low-beta"][1:3] == ["0.05", "sigmoid"] and "0.61" in by_name["low-beta"]
     assert by_name["high-beta"][1:3] == ["0.4", "sigmoid"] and "0.83" in by_name["high-beta"]
-    baseline = json.loads((REPO / "metrics/evaluate.json").read_text())["baseline/length_accuracy"]
+    baseline = json.loads((repo / "metrics/evaluate.json").read_text())["baseline/length_accuracy"]
     assert f"{baseline:.3g}" in by_name["high-beta"]
 
 
@@ -127,9 +128,9 @@ def test_a_dpo_run_with_another_loss_trains_it_and_the_card_names_it(trained, tm
     assert "loss ipo" in (ws / "models/merged/README.md").read_text()
 
 
-def test_summary_says_how_the_run_did_against_its_baselines_and_what_next():
-    done = cli(REPO, "summary")
-    metrics = json.loads((REPO / "metrics/evaluate.json").read_text())
+def test_summary_says_how_the_run_did_against_its_baselines_and_what_next(trained):
+    done = cli(trained, "summary")
+    metrics = json.loads((trained / "metrics/evaluate.json").read_text())
     assert done.returncode == 0, done.stderr
     first, where, next_ = done.stdout.splitlines()
     assert first.startswith(f"held-out preference accuracy {metrics['rewards/accuracies']:.3f} (95% interval")
@@ -185,6 +186,8 @@ def test_a_beta_sweep_through_the_dvc_queue_is_compared_by_stack_dpo_show(tmp_pa
     rows = [line.split() for line in done.stdout.split("\n\n")[0].splitlines()[1:]]
     swept = {row[1]: row for row in rows if row[0] != "workspace" and row[1] in ("0.05", "0.3")}
     assert set(swept) == {"0.05", "0.3"}, done.stdout
-    for row in swept.values():
-        accuracy = float(row[7])
-        assert 0 <= accuracy <= 1  # each experiment ran to its evaluation
+    for beta, row in swept.items():  # each experiment's own evaluation, recomputed from its files
+        dvc("exp", "apply", row[0])
+        assert yaml.safe_load((repo / "params.yaml").read_text())["dpo"]["beta"] == float(beta)
+        expected = expected_figures(repo)
+        assert row[7] == f"{expected['rewards/accuracies']:.3g}" and row[-1] == f"{expected['rewards/margins']:.3g}"

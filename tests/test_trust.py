@@ -19,6 +19,7 @@ from stack_dpo.params import InvalidInput
 from stack_dpo.push import unvetted_note, unvetted_reasons
 from stages import dpo, evaluate, fetch, merge, prepare, push, sft
 from tests.conftest import REPO, inside, make_workspace, writable_copy
+from tests.test_oracles import wilson_by_quadratic
 
 SAMPLE = REPO / "data/sample/stack-exchange-paired/data"
 
@@ -59,12 +60,15 @@ def test_baselines_and_interval_are_computed_as_defined():
     assert preference_accuracy([3, 1, 2, 2], [1, 3, 2, 0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     low, high = wilson_interval(0.9, 100)  # the textbook Wilson interval of 90/100
     assert (low, high) == pytest.approx((0.8256, 0.9448), abs=1e-4)
-    rows = {"chosen": ["a much longer answer ```x```", "short", "same"],
-            "rejected": ["short", "a longer rejected ```y```", "same"]}
-    got = baselines(rows, torch.tensor([-1.0, -5.0, -2.0]), torch.tensor([-2.0, -1.0, -2.0]))
-    assert got == {"baseline/length_accuracy": pytest.approx(1.5 / 3),
-                   "baseline/code_block_accuracy": pytest.approx(1.5 / 3),
-                   "baseline/sft_accuracy": pytest.approx(1.5 / 3)}
+    # each rule has its own answer on these four pairs (by hand: length 1, 0, 1/2, 0; code block
+    # 1, 1/2, 0, 1; SFT log-prob 1, 0, 1, 1), so a rule reading the wrong column or comparing a
+    # column with itself (all ties: 1/2) fails
+    rows = {"chosen": ["a long answer with ```code```", "tiny", "abc", "```x```"],
+            "rejected": ["short", "a much longer rejected answer", "```", "no code here"]}
+    got = baselines(rows, torch.tensor([-1.0, -5.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -3.0, -4.0]))
+    assert got == {"baseline/length_accuracy": pytest.approx(1.5 / 4),
+                   "baseline/code_block_accuracy": pytest.approx(2.5 / 4),
+                   "baseline/sft_accuracy": pytest.approx(3 / 4)}
 
 
 def test_evaluate_reports_the_baselines_of_its_pairs(trained):
@@ -77,8 +81,9 @@ def test_evaluate_reports_the_baselines_of_its_pairs(trained):
     stored = pq.read_table(trained / "data/processed/reference/eval").to_pydict()
     assert metrics["baseline/sft_accuracy"] == pytest.approx(
         rule_accuracy(stored["ref_chosen_logps"], stored["ref_rejected_logps"]), abs=0.05)
-    low, high = metrics["rewards/accuracies_ci95_low"], metrics["rewards/accuracies_ci95_high"]
-    assert low <= metrics["rewards/accuracies"] <= high and high - low < 0.5
+    n, accuracy = metrics["n_pairs"], metrics["rewards/accuracies"]
+    assert (metrics["rewards/accuracies_ci95_low"], metrics["rewards/accuracies_ci95_high"]) == pytest.approx(
+        wilson_by_quadratic(accuracy * n, n))  # tests/test_oracles.py's own Wilson interval
     report = (trained / "reports/evaluate.md").read_text()
     assert f"| baseline: the longer answer wins | {metrics['baseline/length_accuracy']:.3f} |" in report
     assert f"| baseline: the SFT model's own preference (log-prob) | {metrics['baseline/sft_accuracy']:.3f} |" \
@@ -120,7 +125,7 @@ def test_merge_records_the_gap_between_the_model_as_trained_and_the_merged_one(t
     assert gap["gap/pairs"] == json.loads((trained / "metrics/evaluate.json").read_text())["n_pairs"]
     # as trained, against the stored reference: what TRL's own evaluation measured
     assert gap["gap/accuracy_as_trained"] == pytest.approx(dpo_eval["rewards/accuracies"], abs=0.02)
-    assert gap["gap/accuracy_drop"] == pytest.approx(gap["gap/accuracy_as_trained"] - gap["gap/accuracy_merged"])
+    # recomputed with transformers and PEFT: tests/test_oracles.py
     assert 0 < gap["gap/mean_logit_diff"] <= gap["gap/max_logit_diff"] < 1  # bf16 rounding only
 
 
