@@ -22,8 +22,11 @@ run: $(STAMP)  ## the whole pipeline on the default (tiny CPU) profile
 	dvc repro
 	stack-dpo summary
 
-test: $(STAMP)  ## every test, the slow end-to-end ones included
-	pytest
+# the test files in a seeded shuffled order (tests/conftest.py): no test may lean on another having run
+TEST_ORDER ?= 23
+
+test: $(STAMP)  ## every test, the slow end-to-end ones included, files in a shuffled order
+	STACK_DPO_TEST_ORDER=$(TEST_ORDER) pytest
 
 mutants: $(STAMP)  ## plant known bugs one at a time; the tests must catch every one (46: about 16 min on 2 CPUs)
 	python -m tests.mutants

@@ -93,7 +93,8 @@ def make_workspace(root: Path, model: Path, tiny: bool) -> Path:
                    "dpo": {"train": profile["dpo"]["train"]}, "merge": profile["merge"]}
         run = deep_merge(run, {"sft": {"train": {"use_liger_kernel": False}},
                                "dpo": {"train": {"use_liger_kernel": False}},
-                               "fetch": {"max_rows": {"finetune": 300, "rl": 200}}})
+                               # 24 held-out rows: enough for the start check (16 pairs) and the gap (8)
+                               "fetch": {"max_rows": {"finetune": 300, "rl": 200, "evaluation": 24}}})
     else:
         run["data"] = {"source": str(make_mirror(root.parent / "mirror", 2000))}
     params = deep_merge(deep_merge(params, profile), run)

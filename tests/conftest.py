@@ -261,10 +261,10 @@ def trained(tmp_path_factory):
 
 def shuffled_files(items: list, seed: str) -> list:
     """The tests in a seeded random order of their files, each file's tests in their order."""
-    files = list(dict.fromkeys(item.path for item in items))
+    files = sorted({str(item.path) for item in items})  # the order depends on the seed and the files only
     random.Random(seed).shuffle(files)
     rank = {path: i for i, path in enumerate(files)}
-    return sorted(items, key=lambda item: rank[item.path])  # stable: a file's own order is kept
+    return sorted(items, key=lambda item: rank[str(item.path)])  # stable: a file's own order is kept
 
 
 SHUFFLE_SEED = "STACK_DPO_TEST_ORDER"  # a seed: the files run in that shuffled order ("" keeps pytest's)

@@ -285,6 +285,8 @@ def test_an_unknown_lora_target_is_refused_before_sft_touches_its_checkpoints(tr
 @pytest.mark.parametrize("stage, where", [("fetch", "data/.raw.tmp-"), ("prepare", "metrics/.prepare.json.tmp-")])
 def test_a_full_disk_is_reported_as_such_and_retryable(tmp_path, stage, where):
     ws = _raw_workspace(tmp_path) if stage == "prepare" else make_workspace(tmp_path)
+    (ws / "metrics").mkdir(exist_ok=True)
+    (ws / f"metrics/{stage}.json").write_text('{"from": "an earlier run"}')  # beside that run's outputs
     hook = REPO / "tests/killpoint"  # its sitecustomize fails writes under `where` with ENOSPC
     done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=ws, capture_output=True, text=True,
                           env=subprocess_env(PYTHONPATH=f"{hook}:{REPO}", STACK_DPO_KILL_POINT=f"no-space:{where}"))
@@ -292,7 +294,11 @@ def test_a_full_disk_is_reported_as_such_and_retryable(tmp_path, stage, where):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("stack-dpo: out of disk space, retry when freed: no space left on the device writing ")
     assert where in last and "GiB free there" in last and "Traceback" not in done.stderr
-    assert not (ws / f"metrics/{stage}.json").exists()  # outputs and metrics still agree
+    if stage == "fetch":  # the disk filled before data/raw landed: the earlier run's metrics stay with it
+        assert not (ws / "data/raw").exists()
+        assert (ws / "metrics/fetch.json").read_text() == '{"from": "an earlier run"}'
+    else:  # the new outputs landed, their metrics did not: no metrics (dvc reruns), never the old ones
+        assert (ws / "data/processed/dpo/train").is_dir() and not (ws / "metrics/prepare.json").exists()
 
 
 def test_a_hub_dataset_that_cannot_be_reached_is_retried_then_transient_not_invalid(tmp_path, monkeypatch):

@@ -139,12 +139,15 @@ def test_flow_pushes_what_it_ran_to_the_dvc_remote_and_fails_when_the_push_fails
 
 RECORD_STAGE = """
 import json, os, sys, time, yaml
+from prefect.client.orchestration import get_client
 started = time.time()
+with get_client(sync_client=True) as client:  # the GPU slots taken while this stage runs
+    held = client.read_global_concurrency_limit_by_name("gpu").active_slots
 time.sleep(float(sys.argv[2]))
 beta = yaml.safe_load(open("params.yaml"))["dpo"]["beta"]
 open(sys.argv[1] + ".json", "w").write(json.dumps({"beta_seen": beta}))
 with open(os.environ["INTERVALS"], "a") as fh:
-    fh.write(json.dumps([os.getcwd(), sys.argv[1], started, time.time()]) + "\\n")
+    fh.write(json.dumps([os.getcwd(), sys.argv[1], started, time.time(), held]) + "\\n")
 """
 
 
@@ -159,7 +162,9 @@ def experiments(repo: Path) -> dict[str, dict]:
 def test_two_runs_in_one_checkout_keep_their_own_params_and_hold_the_gpu_slot_one_at_a_time(harness, tmp_path):
     """Two flow runs at once in one checkout, with different overrides, each a CPU stage and then
     a GPU stage (`meta: {gpu: true}`) of 3 s: both complete, each is its own experiment, the
-    checkout is untouched, and with one GPU slot their GPU stages never overlap."""
+    checkout is untouched, each GPU stage runs while the one GPU slot is taken (read from the
+    Prefect server inside the stage: whether the two runs happen to meet does not decide it),
+    and their GPU stages never overlap."""
     intervals = tmp_path / "intervals.jsonl"
     repo = make_clone(tmp_path / "ws")
     (repo / "record.py").write_text(RECORD_STAGE)  # uncommitted changes: the runs see them too
@@ -177,8 +182,9 @@ def test_two_runs_in_one_checkout_keep_their_own_params_and_hold_the_gpu_slot_on
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 0, out[-3000:]
     records = [json.loads(line) for line in intervals.read_text().splitlines()]
-    gpu = sorted((start, end) for _, stage, start, end in records if stage == "gpu")
+    gpu = sorted((start, end) for _, stage, start, end, _ in records if stage == "gpu")
     assert len(gpu) == 2 and len(records) == 4
+    assert [held for _, stage, *_, held in records if stage == "gpu"] == [1, 1], records
     assert gpu[0][1] <= gpu[1][0], f"GPU stages overlapped: {gpu}"
     assert {cwd for cwd, *_ in records} == {str(repo / RUNS / name) for name in betas}
     with get_client(sync_client=True) as client:

@@ -31,7 +31,8 @@ def test_merged_model_is_16_bit_and_matches_the_adapter_model(trained):
         # bf16 rounding of the saved weights only: far below the logits' own spread
         assert (got - want)[mask].abs().max() < 0.1 * want[mask].std()
         check = json.loads((trained / "metrics" / "merge.json").read_text())
-        assert 0 < check["max_layer_diff"] <= params.merge.rtol
+        assert check["max_layer_diff"] > 0  # measured (merge refuses to write above merge.rtol; the merged
+        # weights are checked bit for bit against PEFT's own merge in the next test)
 
 
 def test_merged_weights_are_a_float32_merge_cast_once_to_the_saved_dtype(trained, tmp_path):
