@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,26 @@ def subprocess_env(code: Path | None = REPO, **extra: str) -> dict[str, str]:
     checkout; None for a clone's own code, which python -m finds from the working directory)."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(code) if code else "", **extra}
+
+
+class Raised:
+    value: BaseException | None = None
+
+
+@contextlib.contextmanager
+def refused(expected: type[BaseException] | tuple, match: str = ""):
+    """pytest.raises(expected, match=match), but another exception fails the test on an assertion
+    too: code that went past the refusal it should have made and broke further on has not refused."""
+    raised = Raised()
+    try:
+        yield raised
+    except expected as exc:
+        raised.value = exc
+        assert re.search(match, str(exc)), f"{type(exc).__name__}: {exc} does not match {match!r}"
+        return
+    except Exception as exc:
+        raise AssertionError(f"expected {expected} matching {match!r}, got {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"expected {expected} matching {match!r}; nothing was raised")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -72,3 +72,53 @@ def test_every_dpo_param_arrives_in_dpoconfig(tmp_path):
     assert checked | {"dpo.train.global_batch_size"} == set(flatten(params.model_dump()["dpo"], "dpo."))
     grouped = params.model_copy(update={"dpo": params.dpo.model_copy(update={"group_by_length": True})})
     assert dpo_config(grouped, tmp_path, FIT).train_sampling_strategy == "group_by_length"
+
+
+def test_every_data_param_arrives_in_what_fetch_and_prepare_write(tmp_path):
+    """fetch and prepare with every length, cap and size away from its default, checked against
+    what they wrote: row caps, shard sizes, the token limits recounted with the tokenizer (as
+    TRL counts: special tokens, prompt + answer + EOS), and the SFT eval share."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from stages import fetch, prepare
+    from tests.conftest import REPO, inside, make_workspace
+
+    caps = {"finetune": 120, "rl": 90, "evaluation": 40}
+    limits = {"max_prompt_length": 100, "max_length": 220, "max_sft_length": 200}
+    ws = make_workspace(tmp_path / "ws", {"fetch": {"max_rows": caps, "shard_rows": 25, "streaming": False},
+                                          "prepare": {**limits, "sft_eval_fraction": 0.3, "batch_rows": 17,
+                                                      "num_proc": 1}})
+    with inside(ws) as params:
+        fetch.run(params)
+        metrics = prepare.run(params)
+    for split, cap in caps.items():
+        shards = sorted((ws / f"data/raw/{split}").glob("*.parquet"))
+        assert sum(pq.read_metadata(s).num_rows for s in shards) == cap
+        assert max(pq.read_metadata(s).num_rows for s in shards) == 25  # fetch.shard_rows
+    for folder in ("sft/train", "dpo/train", "dpo/eval"):
+        assert max(pq.read_metadata(s).num_rows for s in (ws / "data/processed" / folder).glob("*.parquet")) <= 25
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data/sample/tiny-llama")
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    eos = tokenizer.eos_token
+    for raw, name in (("rl", "dpo/train"), ("evaluation", "dpo/eval")):
+        want = {"prompt_too_long": 0, "chosen_too_long": 0, "rejected_too_long": 0}
+        for row in pq.read_table(ws / f"data/raw/{raw}").to_pylist():
+            prompt = "Question: " + row["question"] + "\n\nAnswer: "
+            if tokens(prompt) > limits["max_prompt_length"]:
+                want["prompt_too_long"] += 1
+            elif tokens(prompt + row["response_j"] + eos) > limits["max_length"]:
+                want["chosen_too_long"] += 1
+            elif tokens(prompt + row["response_k"] + eos) > limits["max_length"]:
+                want["rejected_too_long"] += 1
+        dropped = metrics[name]["dropped"]
+        assert {rule: dropped[rule] for rule in want} == want, name
+        assert all(want.values()) and sum(dropped.values()) == sum(want.values())  # each limit bit; no other rule
+    sft_long = sum(tokens("Question: " + row["question"] + "\n\nAnswer: " + row["response_j"] + eos)
+                   > limits["max_sft_length"] for row in pq.read_table(ws / "data/raw/finetune").to_pylist())
+    assert metrics["sft"]["dropped"]["text_too_long"] == sft_long > 0
+    share = metrics["sft"]["eval"] / (metrics["sft"]["train"] + metrics["sft"]["eval"])
+    assert 0.15 < share < 0.45  # sft_eval_fraction 0.3 (the default holds out 0.05)

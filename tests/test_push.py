@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from stack_dpo.faults import TRANSIENT_EXIT
 from stages import merge
-from tests.conftest import inside, subprocess_env, writable_copy
+from tests.conftest import inside, refused, subprocess_env, writable_copy
 from tests.hub_server import FakeHub
 
 TOKEN = "hf_stackdpo_test_token_0123456789abcdef"
@@ -216,7 +216,7 @@ def test_a_hub_error_other_than_401_is_not_invalid_input(response, expected, is_
             error.response = None if response is None else answer  # the attribute is Optional in the library
             raise error
 
-    with pytest.raises((RuntimeError, ConnectionError), match=expected) as raised:
+    with refused((RuntimeError, ConnectionError), match=expected) as raised:
         check_access(FailingHub(endpoint="http://127.0.0.1:9"), "alice/tiny-dpo")
     assert not isinstance(raised.value, PushError)  # not invalid input: the flow retries it
     assert transient(raised.value) is is_transient

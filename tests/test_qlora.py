@@ -168,8 +168,8 @@ def test_liger_kernels_are_patched_into_the_stages_models_when_asked(qlora, tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         found[liger] = json.loads(result.stdout.split("PROBE ", 1)[1].splitlines()[0])
     layers = 4  # the tiny Llama's
-    assert found[True]["modules"]["LigerRMSNorm"] == 2 * layers + 1  # each layer's two norms and the final one
-    assert found[True]["modules"]["LigerSwiGLUMLP"] == layers
+    assert found[True]["modules"].get("LigerRMSNorm") == 2 * layers + 1  # each layer's two norms and the final one
+    assert found[True]["modules"].get("LigerSwiGLUMLP") == layers
     assert found[True]["rope"].startswith("liger_kernel")
     assert found[True]["modules"]["Linear4bit"] == found[False]["modules"]["Linear4bit"] > 0  # still QLoRA
     assert "LigerRMSNorm" not in found[False]["modules"] and found[False]["rope"].startswith("transformers")

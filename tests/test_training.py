@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,3 +196,38 @@ def test_resume_fingerprint_covers_what_training_depends_on_and_nothing_else(tmp
     with (code / "stack_dpo/training.py").open("a") as fh:
         fh.write("# the trainer setup changed\n")
     assert stamp() != after_data
+
+
+def test_sft_resumed_in_process_from_a_checkpoint_lands_on_the_uninterrupted_weights(trained, tmp_path):
+    """The quick form of the kill-and-resume tests above: the shared chain's sft ran 4 steps with
+    checkpoints at 2 and 4; without checkpoint-4, sft resumes from checkpoint-2 (weights,
+    optimizer, RNG) and must end on the same adapter."""
+    from safetensors.torch import load_file
+
+    from stages import sft
+
+    ws = writable_copy(trained, tmp_path / "ws")
+    shutil.rmtree(ws / "checkpoints/sft/checkpoint-4")
+    with inside(ws) as params:
+        metrics = sft.run(params)
+    assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    resumed = load_file(ws / "models/sft/adapter_model.safetensors")
+    reference = load_file(trained / "models/sft/adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    worst = max((resumed[name] - weight).abs().max().item() for name, weight in reference.items())
+    assert worst < 1e-4, worst  # as above: one step moves a weight by about the learning rate
+
+
+def test_length_grouped_dpo_batches_do_not_depend_on_the_global_rng(trained, tmp_path):
+    """The quick form of the dpo kill-and-resume test: the order of length-grouped batches comes
+    from dpo.train.seed alone, so a resumed run (which reaches training with another global RNG
+    state) trains the same batches."""
+    ws = writable_copy(trained, tmp_path / "ws", checkpoints=False)
+    with inside(ws) as params:
+        assert params.dpo.group_by_length
+        trainer = build_trainer(params, dpo_config(params, tmp_path / "out"), checkpoint=None)
+        orders = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            orders.append(list(trainer._get_train_sampler()))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(len(trainer.train_dataset)))
