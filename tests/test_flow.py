@@ -67,7 +67,7 @@ def test_invalid_overrides_fail_before_any_stage(harness, tmp_path, monkeypatch)
 def test_permanent_failure_is_not_retried(harness, tmp_path):
     repo = make_clone(tmp_path)
     overrides = {**FAST, "prepare": {"max_prompt_length": 5}}  # every pair too long: nothing left
-    state = pipeline(overrides=overrides, workdir=str(repo), retries=3, retry_backoff_s=0.1, return_state=True)
+    state = pipeline(overrides=overrides, workdir=str(repo), retries=1, retry_backoff_s=0.1, return_state=True)
     assert state.is_failed()
     with refused(PermanentStageFailure, match="no rows left for dpo/train"):
         state.result()

@@ -266,20 +266,64 @@ def test_a_dpo_run_trains_on_steps_x_global_batch_pairs_and_their_tokens(trained
 
 @pytest.mark.parametrize("steps, micro, accumulation, processes, global_batch", [
     (3, 2, 2, 1, None), (2, 3, 1, 2, None), (1, 1, 4, 2, None), (2, "auto", "auto", 2, 6)])
-def test_the_training_sample_is_steps_x_the_global_batch(trained, steps, micro, accumulation, processes,
+def test_the_training_sample_is_steps_x_the_global_batch(tmp_path, steps, micro, accumulation, processes,
                                                          global_batch):
     """How many pairs the reference stage scores and dpo trains on, against the definition:
     max_steps x micro-batch x accumulation x processes (or x global_batch_size with `auto`)."""
+    import pyarrow as pa
+
     from stack_dpo.pairs import load_pairs
     from stack_dpo.params import validate
-    from tests.conftest import inside
+    from tests.conftest import DEFAULT_PARAMS, inside
 
-    raw = yaml.safe_load((trained / "params.yaml").read_text())
+    for split, n in (("train", 100), ("eval", 10)):  # distinct pairs, as prepare writes them
+        (tmp_path / f"data/processed/dpo/{split}").mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": [f"Question: {split} {i}\n\nAnswer: " for i in range(n)],
+                                 "chosen": ["yes"] * n, "rejected": ["no"] * n}),
+                       tmp_path / f"data/processed/dpo/{split}/part-00000.parquet")
+    raw = yaml.safe_load(yaml.safe_dump(DEFAULT_PARAMS))
     raw["launch"] = {**raw.get("launch", {}), "num_processes": processes}
     raw["dpo"]["train"].update(max_steps=steps, per_device_train_batch_size=micro,
                                gradient_accumulation_steps=accumulation, global_batch_size=global_batch)
-    with inside(trained):
-        sample = load_pairs(validate(raw))["train"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with inside(tmp_path) as params:
+        assert params == validate(raw)
+        sample = load_pairs(params)["train"]
     want = steps * (global_batch or micro * accumulation * processes)
     assert len(sample) == want
     assert len({(row["prompt"], row["chosen"]) for row in sample}) == want  # each pair once
+
+
+def test_the_pipelines_log_probs_match_the_oracles_on_the_base_model():
+    """stack_dpo.modeling.response_logps (batched, padded) against response_logp above (one
+    sequence at a time) on the bundled model: the function behind every stored log-prob."""
+    from stack_dpo.modeling import load_tokenizer, response_logps
+
+    tokenizer = load_tokenizer(REPO / "data/sample/tiny-llama")  # the pipeline's: its pad token set
+    model = AutoModelForCausalLM.from_pretrained(REPO / "data/sample/tiny-llama", dtype=torch.float32).eval()
+    rows = pq.read_table(REPO / "data/sample/stack-exchange-paired/data/evaluation").slice(0, 3).to_pylist()
+    prompts = ["Question: " + row["question"] + "\n\nAnswer: " for row in rows]
+    answers = [row["response_j"][:300] for row in rows]  # of different lengths: padding in the batch
+    got = response_logps(model, tokenizer, prompts, answers, batch_size=3)
+    want = [response_logp(model, tokenizer, prompt, answer) for prompt, answer in zip(prompts, answers)]
+    assert got.tolist() == pytest.approx(want, abs=1e-3)
+
+
+def test_the_pairs_fingerprint_changes_with_any_text_of_any_pair():
+    """What ties stored reference log-probs to their rows (stack_dpo.pairs): swapping a pair's
+    answers, editing one character anywhere or reordering rows gives another fingerprint."""
+    from datasets import Dataset
+
+    from stack_dpo.pairs import pairs_fingerprint
+
+    rows = [{"prompt": f"Question: q{i}\n\nAnswer: ", "chosen": f"good {i}", "rejected": f"bad {i}"}
+            for i in range(4)]
+    base = pairs_fingerprint(Dataset.from_list(rows))
+    variants = [
+        [rows[0], {**rows[1], "chosen": rows[1]["rejected"], "rejected": rows[1]["chosen"]}, *rows[2:]],
+        [*rows[:3], {**rows[3], "rejected": "bad 3!"}],
+        [*rows[:3], {**rows[3], "chosen": "good 3."}],
+        [rows[1], rows[0], *rows[2:]],
+    ]
+    found = {pairs_fingerprint(Dataset.from_list(variant)) for variant in variants}
+    assert base == pairs_fingerprint(Dataset.from_list(rows)) and base not in found and len(found) == 4

@@ -138,9 +138,9 @@ def test_the_full_profile_on_a_machine_without_cuda_fails_before_touching_the_wo
     try:
         result = subprocess.run([sys.executable, "-m", "stack_dpo.experiment", "--profile", "profiles/llama2-7b.yaml",
                                  "--run-exp", "llama2-7b"], cwd=repo, capture_output=True, text=True,
-                                env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=60)
+                                env=subprocess_env(CUDA_VISIBLE_DEVICES=""), timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail("the experiment started instead of refusing the machine (still running after 60 s)")
+        pytest.fail("the experiment started instead of refusing the machine (still running after 30 s)")
     assert result.returncode == 1 and "launch.device = 'cuda': this machine has no CUDA GPU" in result.stderr
     assert (repo / "params.yaml").read_bytes() == before and not (repo / "data/raw").exists()
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
