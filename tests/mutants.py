@@ -320,8 +320,9 @@ class Outcome(NamedTuple):
     why: str             # the failing test and what failed it, or the output's tail
 
 
-def chosen(record: dict, tests: list[str]) -> bool:
-    return any(record["test"] == test or record["test"].startswith(test + "[") for test in tests)
+def is_one_of(nodeid: str, tests: list[str]) -> bool:
+    """Whether a test id is one of `tests` (a test named without parameters covers each of them)."""
+    return any(nodeid == test or nodeid.startswith(test + "[") for test in tests)
 
 
 def run_tests(mutant: Mutant | None, tests: list[str], threads: int, cache: Path | None) -> Outcome:
@@ -340,10 +341,11 @@ def run_tests(mutant: Mutant | None, tests: list[str], threads: int, cache: Path
         seconds = time.monotonic() - started
         records = [json.loads(line) for line in outcomes.read_text().splitlines()] if outcomes.exists() else []
     failed = [r for r in records if r["outcome"] == "failed"]
-    on_assertion = [r for r in failed if r["when"] == "call" and r["exception"] in ASSERTIONS and chosen(r, tests)]
+    on_assertion = [r for r in failed if r["when"] == "call" and r["exception"] in ASSERTIONS
+                    and is_one_of(r["test"], tests)]
     passed_calls = {r["test"] for r in records if r["when"] == "call" and r["outcome"] == "passed"}
     passed = (result.returncode == 0 and not failed
-              and all(any(chosen({"test": t}, [test]) for t in passed_calls) for test in tests))
+              and all(any(is_one_of(t, [test]) for t in passed_calls) for test in tests))
     if on_assertion:
         why = f"{on_assertion[0]['test']}: {on_assertion[0]['exception']}"
     elif failed:

@@ -68,23 +68,18 @@ def test_dvc_yaml_paths_are_the_library_path_constants():
 
 # Params a stage reads that cannot change its outputs, so dvc.yaml leaves them out (a change
 # to them reruns nothing). Each with why; everything else a stage reads must be its dep.
-READ_BUT_NOT_A_DEP = {
-    ("prepare", "prepare.num_proc"): "worker processes; the output is the same (tests/test_prepare.py)",
-    ("prepare", "prepare.batch_rows"): "rows per processing batch; the output is the same",
-    ("sft", "track.report_to"): "other trackers the curves also go to",
-    ("reference", "track.report_to"): "other trackers the curves also go to",
-    ("dpo", "track.report_to"): "other trackers the curves also go to",
+EXCUSED = [  # (stages, keys, why)
+    (("prepare",), ("prepare.num_proc", "prepare.batch_rows"),
+     "worker processes and rows per batch; the output is the same (tests/test_prepare.py)"),
+    (("sft", "reference", "dpo"), ("track.report_to",), "other trackers the curves also go to"),
     # the reference stage builds dpo's trainer to compute log-probs with dpo's own setup; a
     # log-prob depends on none of the loss settings, the batch order or the optimizer's
-    ("reference", "dpo.beta"): "a loss setting",
-    ("reference", "dpo.loss_type"): "a loss setting",
-    ("reference", "dpo.loss_weights"): "a loss setting",
-    ("reference", "dpo.group_by_length"): "the order of training batches; each pair is stored row for row",
-    ("reference", "dpo.train"): "dumped into the trainer's arguments; the sample's sizes and seed are deps one by one",
-    ("dpo", "reference.batch_size"): "the batch of a reference pass dpo never runs (it reads the stored log-probs)",
-    ("dpo", "sft.lora.r"): "the fit sizes the adapter of models/sft, a dep that sft.lora shapes",
-    ("dpo", "sft.lora.target_modules"): "the fit sizes the adapter of models/sft, a dep that sft.lora shapes",
-}
+    (("reference",), ("dpo.beta", "dpo.loss_type", "dpo.loss_weights", "dpo.group_by_length", "dpo.train"),
+     "settings of the loss, the batch order and the optimizer; the sample's sizes and seed are deps one by one"),
+    (("dpo",), ("reference.batch_size",), "the batch of a reference pass dpo never runs (it reads the stored ones)"),
+    (("dpo",), ("sft.lora.r", "sft.lora.target_modules"), "the fit sizes the adapter of models/sft, a dep"),
+]
+READ_BUT_NOT_A_DEP = {(stage, key): why for stages, keys, why in EXCUSED for stage in stages for key in keys}
 
 
 def covers(declared: str, key: str) -> bool:

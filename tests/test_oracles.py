@@ -4,6 +4,7 @@ transformers + PEFT + tokenizers where a model is needed. Nothing here imports t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -199,24 +200,20 @@ def test_held_out_questions_never_reach_a_training_split(tmp_path, shard_rows, b
         planted = pq.read_table(ws / "data/raw/evaluation").slice(10, 5)
         for split in ("finetune", "rl"):
             other = pq.read_table(ws / f"data/raw/{split}").slice(0, 5)
-            rows = planted.set_column(planted.schema.get_field_index("response_j"), "response_j",
-                                      other.column("response_j"))
-            pq.write_table(rows.cast(pq.read_schema(next((ws / f"data/raw/{split}").glob("*.parquet")))),
+            with_other_answers = planted.set_column(planted.schema.get_field_index("response_j"), "response_j",
+                                                    other.column("response_j"))
+            pq.write_table(with_other_answers.cast(pq.read_schema(next((ws / f"data/raw/{split}").glob("*.parquet")))),
                            ws / f"data/raw/{split}/planted.parquet")
         metrics = prepare.run(params)
-    held_out = {question_of(row["prompt"]) for row in rows_of(ws / "data/processed/dpo/eval")}
-    assert {q for q in planted.column("question").to_pylist()} <= held_out
-    dpo_train = {question_of(row["prompt"]) for row in rows_of(ws / "data/processed/dpo/train")}
-    sft = {split: {question_of(row["text"]) for row in rows_of(ws / f"data/processed/sft/{split}")}
+    held_out = {question_of(row["prompt"]) for row in rows(ws / "data/processed/dpo/eval")}
+    assert set(planted.column("question").to_pylist()) <= held_out
+    dpo_train = {question_of(row["prompt"]) for row in rows(ws / "data/processed/dpo/train")}
+    sft = {split: {question_of(row["text"]) for row in rows(ws / f"data/processed/sft/{split}")}
            for split in ("train", "eval")}
     assert not held_out & dpo_train and not held_out & sft["train"] and not held_out & sft["eval"]
     assert not sft["train"] & sft["eval"]  # the SFT eval split is by question too
     assert metrics["dpo/train"]["dropped"]["qid_in_evaluation"] == 5
     assert metrics["sft"]["dropped"]["qid_in_evaluation"] == 5
-
-
-def rows_of(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
 
 
 def test_a_dpo_run_trains_on_steps_x_global_batch_pairs_and_their_tokens(trained, tmp_path, monkeypatch):
@@ -257,7 +254,7 @@ def test_a_dpo_run_trains_on_steps_x_global_batch_pairs_and_their_tokens(trained
     # which 12: the seeded sample of the training pairs (datasets' shuffle with dpo.train.seed)
     from datasets import Dataset
 
-    pairs = Dataset.from_list(rows_of(ws / "data/processed/dpo/train")).shuffle(seed=params["dpo"]["train"]["seed"])
+    pairs = Dataset.from_list(rows(ws / "data/processed/dpo/train")).shuffle(seed=params["dpo"]["train"]["seed"])
     sample = pairs.select(range(12))
     texts = [row["prompt"] + row[side] + tokenizer.eos_token for row in sample for side in ("chosen", "rejected")]
     assert seen["tokens"] == sum(len(tokenizer(text)["input_ids"]) for text in texts)
@@ -281,7 +278,7 @@ def test_the_training_sample_is_steps_x_the_global_batch(tmp_path, steps, micro,
         pq.write_table(pa.table({"prompt": [f"Question: {split} {i}\n\nAnswer: " for i in range(n)],
                                  "chosen": ["yes"] * n, "rejected": ["no"] * n}),
                        tmp_path / f"data/processed/dpo/{split}/part-00000.parquet")
-    raw = yaml.safe_load(yaml.safe_dump(DEFAULT_PARAMS))
+    raw = copy.deepcopy(DEFAULT_PARAMS)
     raw["launch"] = {**raw.get("launch", {}), "num_processes": processes}
     raw["dpo"]["train"].update(max_steps=steps, per_device_train_batch_size=micro,
                                gradient_accumulation_steps=accumulation, global_batch_size=global_batch)
